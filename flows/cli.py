@@ -1,0 +1,41 @@
+"""The ``ultrafed`` command line: one sub-command module per concern (see flows/commands/).
+
+Modules are imported lazily per command so that ``ultrafed data ...`` never pays for
+importing Prefect or MLflow.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+import flows  # noqa: F401  (runtime env before Prefect/MLflow imports)
+
+# command name -> module in flows/commands that defines add_parser(subparsers) and run(args)
+COMMANDS: dict[str, str] = {
+    "data": "flows.commands.data",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ultrafed", description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default=None, help="params.yaml to use (default: the repo's)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module in dict.fromkeys(COMMANDS.values()):
+        importlib.import_module(module).add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("ultrafed: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,25 @@
+"""Runtime environment for Prefect and MLflow, applied before they are imported.
+
+Defaults only (``setdefault``): a user's own environment always wins.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def apply_runtime_env(state_dir: Path | None = None) -> None:
+    """Embedded mode keeps Prefect's state under ``.ultrafed/`` and silences telemetry."""
+    state = Path(state_dir) if state_dir else Path(os.environ.get("ULTRAFED_HOME", REPO_ROOT / ".ultrafed"))
+    os.environ.setdefault("PREFECT_HOME", str(state / "prefect"))
+    # The ephemeral API server starts in a subprocess; on 2 cores it can take > 20 s.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_UI_ENABLED", "false")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
