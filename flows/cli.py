@@ -15,6 +15,8 @@ import flows  # noqa: F401  (runtime env before Prefect/MLflow imports)
 # command name -> module in flows/commands that defines add_parser(subparsers) and run(args)
 COMMANDS: dict[str, str] = {
     "data": "flows.commands.data",
+    "pretrain": "flows.commands.pretrain",
+    "federation": "flows.commands.federation",
 }
 
 

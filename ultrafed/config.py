@@ -48,6 +48,7 @@ class MICConfig:
     motion_kernel: int = 24
     gauss_sigma: float = 1.1
     sp_amount: float = 0.05
+    ref_size: int = 224
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,8 @@ class PretrainConfig:
     epochs: int = 2
     num_workers: int = 1
     device: str = "auto"
+    min_lr: float = 0.0
+    cache_images: bool = True
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,14 @@ class FinetuneConfig:
     lr: float = 5e-4
     weight_decay: float = 0.05
     layer_decay: float = 0.75
+    warmup_epochs: float = 1.0
+    num_workers: int = 0
+    device: str = "auto"
+    n_boot: int = 1000
+    knn_k: int = 20
+    baseline_img_size: int = 128
+    baseline_lr: float = 1e-3
+    baseline_weight_decay: float = 1e-4
 
 
 @dataclass(frozen=True)

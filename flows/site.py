@@ -1,0 +1,19 @@
+"""The flow each site's worker runs (federation mode): one site action on local data.
+
+The data root is the worker's own ``$ULTRAFED_SITE_ROOT``; the coordinator sends only the
+action name and JSON parameters, and reads the small result the site logs to MLflow.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flows  # noqa: F401  (runtime env)
+from prefect import flow
+
+from ultrafed.federated.client import run_action
+
+
+@flow(name="ultrafed-site", persist_result=True, flow_run_name="{action}-{site_id}")
+def site_job(action: str, site_id: str, params: dict[str, Any], result_run_id: str | None = None) -> dict[str, Any]:
+    """check | train | validate at this site; returns (and logs) counts, metrics, URIs, hashes."""
+    return run_action(action, site_id, params, result_run_id=result_run_id)

@@ -1,0 +1,1 @@
+"""Thin Prefect ``@task`` wrappers around the library (``ultrafed/``): retries, timeouts, names."""

@@ -1,0 +1,1 @@
+"""Data: image reading, site folders, the synthetic cohort, manifests and quality checks."""

@@ -1,0 +1,214 @@
+"""What a site does in a round: check its data, train on it, validate a global model.
+
+These run AT the site (in embedded mode: in-process; in federation mode: inside the site's
+Prefect worker). They take the site's data root from the caller or the worker's environment
+and return only small JSON-able dicts — counts, metrics, hashes and artifact URIs — so
+neither a path nor a pixel ever reaches the coordinator.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from ultrafed.config import Config, from_dict
+from ultrafed.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ultrafed.federated.seeds import derive_seed
+
+SITE_ROOT_ENV = "ULTRAFED_SITE_ROOT"
+SITE_WORKDIR_ENV = "ULTRAFED_SITE_WORKDIR"
+PRETRAIN_SPLITS = ("train", "unlabeled")  # never val/test: those are for choosing and reporting
+
+
+class SiteError(RuntimeError):
+    """A site cannot take part (no data, bad global model); the message is one line."""
+
+
+def site_paths(site_id: str, root: str | Path | None, work_dir: str | Path | None) -> tuple[Path, Path]:
+    """Resolve the site's data root and private work dir (explicit args, else the worker's env)."""
+    root = root or os.environ.get(SITE_ROOT_ENV)
+    if not root:
+        raise SiteError(f"site {site_id}: no data root (pass one or set ${SITE_ROOT_ENV} in the worker)")
+    work = Path(work_dir or os.environ.get(SITE_WORKDIR_ENV) or Path(root).parent / f".ultrafed-site-{site_id}")
+    work.mkdir(parents=True, exist_ok=True)
+    return Path(root), work
+
+
+def _config(cfg: Config | Mapping[str, Any]) -> Config:
+    return cfg if isinstance(cfg, Config) else from_dict(cfg)
+
+
+def site_manifest_path(site_id: str, root: str | Path | None, work_dir: str | Path | None) -> Path:
+    _, work = site_paths(site_id, root, work_dir)
+    return work / "manifests" / f"{site_id}.csv"
+
+
+# -- check ---------------------------------------------------------------------------------
+def site_check(site_id: str, root: str | Path | None = None, work_dir: str | Path | None = None) -> dict[str, Any]:
+    """Scan + Great Expectations gate; keeps the quarantine list at the site for training."""
+    from ultrafed.data.quality import check_site
+
+    root, work = site_paths(site_id, root, work_dir)
+    manifest = site_manifest_path(site_id, root, work)
+    previous = work / "manifests" / f"{site_id}.previous.csv"
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    if manifest.exists():
+        os.replace(manifest, previous)  # drift is measured against the last checked version
+    report = work / "reports" / f"{site_id}-quality.md"
+    report.parent.mkdir(parents=True, exist_ok=True)
+    gate = check_site(root, site_id, manifest_out=manifest, previous=previous if previous.exists() else None, report=report)
+    (work / "quarantine.json").write_text(json.dumps([list(q) for q in gate.quarantined]))
+    return {
+        "site": site_id,
+        "status": gate.status,
+        "reasons": list(gate.reasons),
+        "n_images": gate.n_images,
+        "n_quarantined": len(gate.quarantined),
+        "quarantined": [f"{p}: {r}" for p, r in gate.quarantined],
+        "manifest_md5": gate.manifest_md5,
+        "report_md": report.read_text() if report.exists() else "",
+    }
+
+
+def _training_records(site_id: str, root: Path, work: Path) -> list:
+    from ultrafed.data.sites import load_site
+
+    site = load_site(root, site_id)
+    bad: set[str] = set()
+    qfile = work / "quarantine.json"
+    if qfile.exists():
+        bad = {str(Path(p)) for p, _ in json.loads(qfile.read_text())}
+    recs = [r for r in site.select(PRETRAIN_SPLITS) if str(Path(r.image).relative_to(root)) not in bad]
+    if not recs:
+        raise SiteError(f"site {site_id}: no trainable images after the quality gate")
+    return recs
+
+
+def steps_per_epoch(n_items: int, batch_size: int) -> int:
+    return max(1, n_items // batch_size) if n_items >= batch_size else 1
+
+
+# -- train ---------------------------------------------------------------------------------
+def site_train(site_id: str, cfg: Config | Mapping[str, Any], *, round_idx: int, global_uri: str,
+               global_sha256: str | None, update_run_id: str, root: str | Path | None = None,
+               work_dir: str | Path | None = None, progress: bool = False) -> dict[str, Any]:
+    """Pull the global model, run ``local_epochs`` of UltraMIM, push the update; return a reference."""
+    from ultrafed.data.datasets import dataset_from_config, make_loader
+    from ultrafed.engine.device import select_device
+    from ultrafed.engine.pretrain import scaled_lr, train_local
+    from ultrafed.models.mae import mae_from_config
+    from ultrafed.tracking.store import get_state, put_state
+
+    cfg = _config(cfg)
+    root, work = site_paths(site_id, root, work_dir)
+    fed, pre = cfg.federated, cfg.pretrain
+    seed = derive_seed(cfg.seed, "train", round_idx, site_id)
+    global_state = get_state(global_uri, expected_sha256=global_sha256)
+    model = mae_from_config(cfg.model)
+    model.load_state_dict(global_state)
+    ds = dataset_from_config(_training_records(site_id, root, work), cfg, seed)
+    loader = make_loader(ds, batch_size=pre.batch_size, num_workers=pre.num_workers, seed=seed)
+    per_round = steps_per_epoch(len(ds), pre.batch_size) * fed.local_epochs
+    optim_dir = work / "optimizer"
+    opt_state = None
+    if fed.keep_optimizer_state and round_idx > 0:
+        try:
+            opt_state = load_checkpoint(optim_dir / f"round-{round_idx - 1:04d}.pt")["optimizer"]
+        except CheckpointError:
+            opt_state = None  # first round at this site, or a fresh site: start AdamW anew
+    prox_mu = float(fed.strategy_params.get("mu", 0.0)) if fed.strategy == "fedprox" else 0.0
+    res = train_local(
+        model, loader, epochs=fed.local_epochs, peak_lr=scaled_lr(pre.base_lr, pre.batch_size),
+        weight_decay=pre.weight_decay, betas=tuple(pre.betas),
+        warmup_steps=per_round * min(pre.warmup_epochs, fed.rounds), total_steps=per_round * fed.rounds,
+        step_offset=per_round * round_idx, optimizer_state=opt_state,
+        tgm_strength=cfg.ultramim.tgm.strength if cfg.ultramim.tgm.enabled else None,
+        prox_mu=prox_mu, global_state=global_state if prox_mu > 0 else None,
+        device=select_device(pre.device), seed=seed,
+        progress=f"site {site_id} round {round_idx}" if progress else False,
+    )
+    if fed.keep_optimizer_state and res.optimizer_state is not None:
+        save_checkpoint(optim_dir / f"round-{round_idx:04d}.pt", {"optimizer": res.optimizer_state})
+    uri = put_state(res.state, update_run_id, f"update-round-{round_idx:04d}", meta={"site": site_id, "round": round_idx})
+    from ultrafed.tracking.store import state_sha256
+
+    return {"site": site_id, "n_images": len(ds), "metrics": {k: float(v) for k, v in res.metrics.items()},
+            "update_uri": uri, "update_sha256": state_sha256(res.state), "problems": list(getattr(ds, "problems", []))}
+
+
+# -- validate ------------------------------------------------------------------------------
+@torch.no_grad()
+def site_validate(site_id: str, cfg: Config | Mapping[str, Any], *, global_uri: str, global_sha256: str | None = None,
+                  root: str | Path | None = None, work_dir: str | Path | None = None, max_images: int = 256) -> dict[str, Any]:
+    """Masked-reconstruction loss of a global model on the site's val split (fixed masks, no MIC)."""
+    import cv2
+    import numpy as np
+
+    from ultrafed.data.datasets import UltraMIMDataset
+    from ultrafed.data.sites import load_site
+    from ultrafed.engine.device import select_device
+    from ultrafed.models.mae import mae_from_config
+    from ultrafed.tracking.store import get_state
+
+    cfg = _config(cfg)
+    root, _ = site_paths(site_id, root, work_dir)
+    recs = load_site(root, site_id).select(["val"])[:max_images]
+    if not recs:
+        return {"site": site_id, "val_loss": float("nan"), "n_val": 0}
+    device = select_device(cfg.pretrain.device)
+    model = mae_from_config(cfg.model).to(device).eval()
+    model.load_state_dict(get_state(global_uri, expected_sha256=global_sha256))
+    ds = UltraMIMDataset(recs, img_size=cfg.model.img_size, patch_size=cfg.model.patch_size, smat=False, mic=None)
+    size = cfg.model.img_size
+    gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "val-mask", 0, site_id))
+    total, n = 0.0, 0
+    for start in range(0, len(ds), 32):  # whole frames, no augmentation: comparable across rounds
+        frames = [cv2.resize(ds.gray(i), (size, size), interpolation=cv2.INTER_AREA) for i in range(start, min(start + 32, len(ds)))]
+        x = torch.from_numpy(np.stack(frames)[:, None].astype(np.float32) / 255.0).to(device)
+        mask = model.random_mask(x.shape[0], gen).to(device)
+        out = model(x, mask=mask)
+        total += float(out.loss) * x.shape[0]
+        n += x.shape[0]
+    loss = total / max(n, 1)
+    if not math.isfinite(loss):
+        raise SiteError(f"site {site_id}: validation loss is not finite ({loss})")
+    return {"site": site_id, "val_loss": loss, "n_val": n}
+
+
+# -- one entry point for both modes ----------------------------------------------------------
+ACTIONS = {"check": site_check, "train": site_train, "validate": site_validate}
+
+
+def result_artifact(action: str) -> str:
+    return f"site-results/{action}.json"
+
+
+def run_action(action: str, site_id: str, params: Mapping[str, Any], *, root: str | Path | None = None,
+               work_dir: str | Path | None = None, result_run_id: str | None = None) -> dict[str, Any]:
+    """Run a site action and, given a run id, log its (small) result there for the coordinator."""
+    if action not in ACTIONS:
+        raise ValueError(f"unknown site action '{action}' (check | train | validate)")
+    result = ACTIONS[action](site_id, root=root, work_dir=work_dir, **params)
+    if result_run_id:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient()
+        client.log_dict(result_run_id, result, result_artifact(action))
+        if action == "check":
+            client.log_text(result_run_id, result.get("report_md", ""), f"quality/{site_id}-quality.md")
+        metrics = {"val_loss": result.get("val_loss")} if action == "validate" else result.get("metrics", {})
+        for k, v in (metrics or {}).items():
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                client.log_metric(result_run_id, k, float(v))
+    return result
+
+
+def read_result(action: str, result_run_id: str) -> dict[str, Any]:
+    """What a site logged for ``action`` (federation mode: the coordinator's only view of the site)."""
+    import mlflow
+
+    return mlflow.artifacts.load_dict(f"runs:/{result_run_id}/{result_artifact(action)}")
