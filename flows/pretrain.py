@@ -45,7 +45,7 @@ def _print_table(history: list[dict[str, Any]]) -> None:
               f"{h['version']:>7} {m['seconds']:>6.1f}")
 
 
-@flow(name="federated-pretrain", log_prints=True)
+@flow(name="federated-pretrain")
 def federated_pretrain(cfg: dict, sites: list[dict], *, mode: str = "embedded", rounds: int | None = None,
                        resume: bool = False, run_name: str | None = None) -> dict[str, Any]:
     """Run (or resume) federated pretraining; returns the final model URI and the round history."""

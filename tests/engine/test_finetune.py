@@ -49,12 +49,12 @@ def _eval_loss(model: torch.nn.Module, ds: TaskDataset) -> float:
 
 @pytest.mark.slow
 def test_two_epoch_finetune_lowers_the_train_loss(cohort):
-    res = finetune("synth-cls", cohort, None, epochs=2, lr=1e-3, warmup_epochs=0.0, **TINY)
+    res = finetune("synth-cls", cohort, None, epochs=2, lr=1e-4, warmup_epochs=0.0, **{**TINY, "batch_size": 4})
     train = TaskDataset(task_records("synth-cls", cohort, "train"), TASKS["synth-cls"], 64)
     with torch.random.fork_rng(devices=[]):  # the same seed rebuilds the untrained starting point
         torch.manual_seed(0)
         start = build_task_model(TASKS["synth-cls"], build_encoder("tiny", 64))
-    assert _eval_loss(res.model, train) < _eval_loss(start, train) - 0.05
+    assert _eval_loss(res.model, train) < _eval_loss(start, train) - 0.03
     assert len(res.history) == 2 and res.best_epoch in (0, 1)
     assert res.history[res.best_epoch]["val_auroc"] == max(h["val_auroc"] for h in res.history)
     assert res.val["auroc_lo"] <= res.val["auroc"] <= res.val["auroc_hi"]

@@ -22,7 +22,7 @@ import pandas as pd
 import yaml
 
 from ultrafed.data.manifest import (
-    ManifestError, manifest_md5, read_manifest, scan_site, write_manifest,
+    ManifestError, manifest_md5, read_manifest, scan_site, stat_cache_path, write_manifest,
 )
 
 SUITES_DIR = Path(__file__).resolve().parent / "suites"
@@ -434,7 +434,10 @@ def check_site(root: str | Path, site_id: str, *, manifest_out: str | Path, prev
             prev_df = read_manifest(prev_path)  # read before it is overwritten
         except ManifestError:
             prev_df = None
-    result = scan_site(root, site_id, previous=prev_path, workers=workers)
+    # The stat cache lives next to the manifest it was written with; callers that move the
+    # last manifest aside (to keep it as the drift reference) leave it at manifest_out.
+    cache_from = manifest_out if stat_cache_path(manifest_out).is_file() else prev_path
+    result = scan_site(root, site_id, previous=cache_from, workers=workers)
     md5 = write_manifest(result, manifest_out)
     df = read_manifest(manifest_out)  # judge exactly what was versioned
     row_problems = set(f"{r}: {e}" for r, e in zip(df["relpath"], df["error"]) if e)

@@ -165,9 +165,9 @@ def load_site(root: str | Path, site_id: str | None = None) -> Site:
                 probe=_probe(row.get("probe", ""), default_probe, where, problems),
                 labels=MappingProxyType({c: row.get(c, "") for c in label_cols}),
             ))
-        listed = {r.image.resolve() for r in records}
+        listed = {os.path.realpath(r.image) for r in records}  # realpath: no RuntimeError on a symlink loop
         for key, p in sorted(images.items()):
-            if p.resolve() not in listed and key not in first_line:
+            if os.path.realpath(p) not in listed and key not in first_line:
                 problems.append(f"{p}: image has no row in labels.csv; ignored")
     else:
         for key, p in sorted(images.items()):

@@ -94,6 +94,7 @@ def fedavg(updates: Iterable[tuple[State, int]], weighted: bool = True) -> State
             extra = [k for k in state if k not in set(keys)]
             raise ValueError(f"fedavg: update {count} keys differ from update 0 "
                              f"(missing {missing[:3]}, extra {extra[:3]})")
+        t: Tensor | None = None
         for k in keys:
             t = state[k]
             if count == 0:
@@ -112,7 +113,7 @@ def fedavg(updates: Iterable[tuple[State, int]], weighted: bool = True) -> State
             others = {k: state[k].clone() for k in keys if not state[k].is_floating_point()}
         total += w
         count += 1
-        del state  # the next update is produced only after this one is released
+        del state, t  # release this update (last tensor too) before the next one is produced
     if count == 0:
         raise ValueError("fedavg: no updates to aggregate")
     if total <= 0:

@@ -270,6 +270,10 @@ class Check:
         return self.status in ("mismatch", "missing")
 
 
+# MLflow writes this into every models:/ download (name + version of what was fetched).
+_DOWNLOAD_ADDED = {"registered_model_meta"}
+
+
 def _verify_files(link: ChainLink, tmp: Path) -> list[Check]:
     import mlflow
 
@@ -297,7 +301,7 @@ def _verify_files(link: ChainLink, tmp: Path) -> list[Check]:
                                 f"sha256 {got[rel][:12]} != registered {sha[:12]}"))
         else:
             checks.append(Check(where, f"artifact {rel}", "ok", sha[:12]))
-    for rel in sorted(set(got) - set(expected)):
+    for rel in sorted(set(got) - set(expected) - _DOWNLOAD_ADDED):
         checks.append(Check(where, f"artifact {rel}", "mismatch", "file not present at registration"))
     lsha = link.tags.get(TAG_LINEAGE_SHA)
     lpath = local / "extra_files" / LINEAGE_NAME

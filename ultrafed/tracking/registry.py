@@ -392,12 +392,17 @@ def list_versions(name: str | None = None) -> list[dict[str, Any]]:
     for n in names:
         try:
             versions = client.search_model_versions(f"name='{n}'")
+            # search results carry no aliases; the registered model holds alias -> version
+            by_version: dict[int, list[str]] = {}
+            for alias, ver in (client.get_registered_model(n).aliases or {}).items():
+                by_version.setdefault(int(ver), []).append(alias)
         except MlflowException:
             continue
         for mv in sorted(versions, key=_version_number, reverse=True):
             t = mv.tags
+            aliases = sorted(by_version.get(int(mv.version), []))
             rows.append({
-                "name": n, "version": int(mv.version), "aliases": sorted(mv.aliases or []),
+                "name": n, "version": int(mv.version), "aliases": aliases,
                 "kind": t.get(TAG_KIND, ""), "round": t.get(TAG_ROUND, ""),
                 "parent": t.get(TAG_PARENT, ""), "encoder": t.get(TAG_ENCODER_URI, ""),
                 "sites": t.get("ultrafed.sites", ""), "excluded": sorted(json.loads(t.get("ultrafed.excluded") or "{}")),
@@ -405,7 +410,7 @@ def list_versions(name: str | None = None) -> list[dict[str, Any]]:
                 "created": _dt.datetime.fromtimestamp(mv.creation_timestamp / 1000, _dt.timezone.utc)
                 .isoformat(timespec="seconds"),
                 "code_commit": t.get(TAG_CODE_COMMIT, ""),
-                "promoted": {a: t.get(f"promotion.{a}.at", "") for a in (mv.aliases or [])},
+                "promoted": {a: t.get(f"promotion.{a}.at", "") for a in aliases},
             })
     return rows
 

@@ -46,7 +46,8 @@ class ScanGeometry:
         if not 0.0 < self.angle_deg < 180.0:
             raise ValueError(f"ScanGeometry: angle_deg must be in (0, 180), got {self.angle_deg}")
         if not 0.0 <= self.r_min_frac < self.r_max_frac:
-            raise ValueError(f"ScanGeometry: need 0 <= r_min_frac < r_max_frac, got {self.r_min_frac}, {self.r_max_frac}")
+            raise ValueError(f"ScanGeometry: need 0 <= r_min_frac < r_max_frac, "
+                             f"got {self.r_min_frac}, {self.r_max_frac}")
 
     def pixels(self, shape: tuple[int, int]) -> tuple[float, float, float, float, float]:
         """(apex x, apex y, r_min, r_max, half angle in radians) for an ``[H, W]`` frame."""
@@ -126,18 +127,17 @@ def sector_mask(shape: tuple[int, int], geometry: ScanGeometry | None = None) ->
 
 def _footprint(img: np.ndarray) -> np.ndarray:
     """``[H, W]`` bool: the largest non-black region, with rulers, text and speckle holes removed."""
-    arr = np.asarray(img)
-    if arr.dtype != np.uint8:  # other ranges: black is the image's minimum
-        arr = arr.astype(np.float32)
-        lo, hi = float(arr.min()), float(arr.max())
-        arr = np.zeros(arr.shape, np.uint8) if hi <= lo else ((arr - lo) * (255.0 / (hi - lo))).astype(np.uint8)
-    gray = arr
+    gray = np.asarray(img)
+    if gray.dtype != np.uint8:  # other ranges: black is the image's minimum
+        f = gray.astype(np.float32)
+        lo, hi = float(f.min()), float(f.max())
+        gray = np.zeros(f.shape, np.uint8) if hi <= lo else ((f - lo) * (255.0 / (hi - lo))).astype(np.uint8)
     fg = (cv2.medianBlur(gray, 5) > 8).astype(np.uint8)
-    k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (max(3, min(arr.shape) // 40 | 1),) * 2)
+    k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (max(3, min(gray.shape) // 40 | 1),) * 2)
     fg = cv2.morphologyEx(cv2.morphologyEx(fg, cv2.MORPH_OPEN, k), cv2.MORPH_CLOSE, k)
     n, labels, stats, _ = cv2.connectedComponentsWithStats(fg, connectivity=8)
     if n <= 1:
-        return np.zeros(arr.shape, bool)
+        return np.zeros(gray.shape, bool)
     return labels == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
 
 
@@ -222,8 +222,10 @@ def smat_convert(img: np.ndarray, probe: str, mask: np.ndarray | None = None,
     ``probe="unknown"`` detects it first. For a convex input without ``geometry`` the fan is
     estimated from the footprint (default geometry where that fails).
     """
+    estimated = None
     if probe == "unknown":
-        probe = detect_probe(img)
+        estimated = estimate_geometry(img)
+        probe = "linear" if estimated is None else "convex"
     if probe not in PROBES:
         raise ValueError(f"smat: probe must be 'linear', 'convex' or 'unknown', got {probe!r}")
     if mask is not None and np.shape(mask) != np.shape(img):
@@ -231,6 +233,6 @@ def smat_convert(img: np.ndarray, probe: str, mask: np.ndarray | None = None,
     if probe == "linear":
         convert, geom = linear_to_convex, geometry or ScanGeometry()
     else:  # the mask must follow the fan estimated from the image, not its own footprint
-        convert, geom = convex_to_linear, geometry or estimate_geometry(img) or ScanGeometry()
+        convert, geom = convex_to_linear, geometry or estimated or estimate_geometry(img) or ScanGeometry()
     out = convert(img, geom)
     return out, (None if mask is None else convert(mask, geom, interpolation=cv2.INTER_NEAREST))
