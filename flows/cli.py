@@ -17,6 +17,7 @@ COMMANDS: dict[str, str] = {
     "data": "flows.commands.data",
     "pretrain": "flows.commands.pretrain",
     "federation": "flows.commands.federation",
+    "demo": "flows.commands.demo",
     "models": "flows.commands.registry", "lineage": "flows.commands.registry", "promote": "flows.commands.registry",
 }
 

@@ -14,6 +14,10 @@ def apply_runtime_env(state_dir: Path | None = None) -> None:
     """Embedded mode keeps Prefect's state under ``.ultrafed/`` and silences telemetry."""
     state = Path(state_dir) if state_dir else Path(os.environ.get("ULTRAFED_HOME", REPO_ROOT / ".ultrafed"))
     os.environ.setdefault("PREFECT_HOME", str(state / "prefect"))
+    try:
+        Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
+    except OSError:
+        pass  # Prefect reports it; a read-only home only matters to ephemeral mode
     # The ephemeral API server starts in a subprocess; on 2 cores it can take > 20 s.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -23,3 +27,7 @@ def apply_runtime_env(state_dir: Path | None = None) -> None:
     os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+    import logging
+
+    for noisy in ("great_expectations", "mlflow.store.db.utils", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -85,7 +85,7 @@ class PretrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     warmup_epochs: int = 1
     epochs: int = 2
-    num_workers: int = 1
+    num_workers: int = 0
     device: str = "auto"
     min_lr: float = 0.0
     cache_images: bool = True

@@ -106,7 +106,8 @@ def test_mask_of_wrong_size(tmp_path):
     gate = _gate(root, tmp_path)
     assert [r for r, _ in gate.quarantined] == ["images/img_004.png"]
     why = gate.quarantined[0][1]
-    assert "mask_width_matches: mask_width=48, width=64" in why and "mask_height_matches: mask_height=32, height=64" in why
+    assert "mask_width_matches: mask_width=48, width=64" in why
+    assert "mask_height_matches: mask_height=32, height=64" in why
     assert gate.status == "warn" and gate.n_images == GOOD
 
 
@@ -138,6 +139,16 @@ def test_symlink_loop(site, tmp_path):
     add_row(site, "loop")
     why = _one_bad(_gate(site, tmp_path), "images/loop.png", "unreadable: cannot read")
     assert "symbolic links" in why
+
+
+def test_broken_labels_csv(tmp_path):
+    root = write_site(tmp_path / "site", n=GOOD)
+    (root / "labels.csv").write_text("name;label\nimg_000;benign\n")  # no id column
+    gate = _gate(root, tmp_path, site_id="b")
+    # the images are still listed (the audit trail is complete) but none may train
+    assert gate.n_total == GOOD and gate.n_images == 0 and gate.status == "fail"
+    assert gate.problems == ("b/labels.csv: no 'id' column (columns: name;label)",)
+    assert {why for _, why in gate.quarantined} == {"split_known: split=unknown (allowed: train, val, test, unlabeled)"}
 
 
 def test_empty_site_folder(tmp_path):

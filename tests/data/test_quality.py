@@ -103,6 +103,17 @@ def test_drift_against_previous(clean_manifest, tmp_path):
     assert not any(e["name"].startswith("drift") for e in check_manifest(clean_manifest).expectations)
 
 
+def test_unusable_previous_manifest_skips_drift_visibly(clean_manifest, tmp_path):
+    (tmp_path / "old.csv").write_text("garbage\n")
+    gate = check_manifest(clean_manifest, previous=tmp_path / "old.csv", report=tmp_path / "r.md")
+    drift = [e for e in gate.expectations if e["name"].startswith("drift")]
+    assert len(drift) == 4 and all(e["success"] is None for e in drift)
+    observed = drift[0]["observed"]
+    assert observed.startswith("skipped: previous manifest unusable (") and "missing columns" in observed
+    assert gate.status == "pass"
+    assert "| drift_mean_intensity | ExpectColumnMeanToBeBetween | warn | skipped |" in (tmp_path / "r.md").read_text()
+
+
 def test_suites_are_data(tmp_path):
     busi = load_suite(site="busi")
     assert busi["name"] == "busi"
@@ -169,3 +180,23 @@ def test_cli_scan_and_check(tmp_path, capsys):
     assert "no such suite" in capsys.readouterr().err
     assert main(["data", "scan", "--site", "s", "--root", str(tmp_path / "gone"), "--out", str(out)]) == 1
     assert "site folder not found" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.shared_data
+def test_busi_real_data(shared_data, tmp_path):
+    """BUSI: warn (not fail) on its near-duplicates and calipers; groups agree with BUSI's own."""
+    import itertools
+
+    gate = check_site(shared_data / "busi", "busi", manifest_out=tmp_path / "busi.csv")
+    assert gate.status == "warn" and gate.n_total == 780 and gate.suite == "busi"
+    m = read_manifest(tmp_path / "busi.csv")
+    groups = m[m["dup_group_size"] > 1]
+    redundant = len(groups) - groups["dup_group"].nunique()
+    assert 0.15 < redundant / len(m) < 0.30  # README: about 20% near-duplicates
+    own = pd.read_csv(shared_data / "busi" / "labels.csv", dtype=str).set_index("id")["group"]
+    for _, g in groups.groupby("dup_group"):
+        for a, b in itertools.combinations(g["relpath"], 2):  # every pair we group, BUSI groups too
+            assert own[a[len("images/"):-4]] == own[b[len("images/"):-4]], (a, b)
+    assert m.loc[m["caliper_marks"] > 0, "label"].isin(["benign", "malignant"]).all()
+    assert any(r.startswith("[warn] no_caliper_marks") for r in gate.reasons)

@@ -60,6 +60,8 @@ def test_two_epoch_finetune_lowers_the_train_loss(cohort):
     assert res.val["auroc_lo"] <= res.val["auroc"] <= res.val["auroc_hi"]
     assert res.test is None  # the test split is not touched unless asked
     assert isinstance(res.model, ClassificationModel) and not res.model.training
+    # layer decay protects pretrained layers; from scratch every layer trains at the full rate
+    assert res.settings["model"] == "scratch" and res.settings["layer_decay"] == 1.0
 
 
 @pytest.mark.slow
@@ -73,6 +75,7 @@ def test_segmentation_finetune_from_a_given_encoder_reports_val_and_test(cohort)
         assert 0.0 <= m["dice"] <= 1.0 and m["dice_lo"] <= m["dice"] <= m["dice_hi"]
         assert m["n"] > 0 and m["n_lesion"] <= m["n"]
     assert res.model.encoder.img_size == 64
+    assert res.settings["model"] == "finetune" and res.settings["layer_decay"] == 0.75
 
 
 def test_layer_decay_scales_by_depth():

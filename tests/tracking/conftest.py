@@ -1,58 +1,35 @@
 """Real MLflow stores for the tracking tests: a sqlite file and artifact folder in tmp_path."""
 from __future__ import annotations
 
-import hashlib
-import json
+import shutil
 from pathlib import Path
-from typing import Any
 
 import pytest
-import torch
 
-from ultrafed.models.mae import ViTEncoder
+
+@pytest.fixture(scope="session")
+def _schema_db(tmp_path_factory) -> Path:
+    """MLflow's schema migrations take seconds; run them once and copy the empty database."""
+    from mlflow import MlflowClient
+
+    db = tmp_path_factory.mktemp("mlflow-schema") / "empty.db"
+    MlflowClient(f"sqlite:///{db}").search_experiments(max_results=1)
+    return db
 
 
 @pytest.fixture
-def store(tmp_path: Path):
-    """An embedded store (sqlite + artifact folder) used through the real MLflow client."""
+def store(tmp_path: Path, _schema_db: Path):
+    """A fresh embedded store (sqlite + artifact folder) used through the real MLflow client."""
     import mlflow
 
     from ultrafed.tracking.runs import configure_tracking
 
     prev = mlflow.get_tracking_uri()
+    shutil.copy(_schema_db, tmp_path / "mlflow.db")
     uri = configure_tracking(f"sqlite:///{tmp_path / 'mlflow.db'}", str(tmp_path / "artifacts"))
     yield uri
     mlflow.set_tracking_uri(prev)
     mlflow.set_registry_uri(prev)
-
-
-def small_encoder(seed: int = 0, img_size: int = 32) -> ViTEncoder:
-    """A real ViTEncoder at the smallest useful size (2x2 patches, one block)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return ViTEncoder(img_size=img_size, patch_size=16, in_chans=1, embed_dim=32, depth=1, num_heads=2).eval()
-
-
-def write_manifest(folder: Path, site: str, n: int) -> tuple[str, str]:
-    """A small manifest file; returns (path, md5 of its bytes)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    p = folder / f"{site}.json"
-    p.write_text(json.dumps({"site": site, "images": [f"img{i}.png" for i in range(n)]}))
-    return str(p), hashlib.md5(p.read_bytes()).hexdigest()
-
-
-def round_lineage(tmp: Path, round_idx: int, parent: int | None, *, sites=(("a", 30), ("b", 10)),
-                  gate: dict[str, str] | None = None, excluded: dict[str, str] | None = None) -> dict[str, Any]:
-    """A lineage record like the round flow writes: volume weights, manifests on disk."""
-    total = sum(n for _, n in sites)
-    recs = []
-    for site, n in sites:
-        path, md5 = write_manifest(tmp / "manifests", site, n)
-        recs.append({"site": site, "n_images": n, "manifest_md5": md5, "manifest_path": path,
-                     "weight": n / total, "gate_status": (gate or {}).get(site, "passed"),
-                     "gate_reasons": [], "metrics": {"train_loss": 0.9 - 0.1 * round_idx}})
-    return {"round": round_idx, "parent_version": parent, "strategy": "fedavg", "strategy_params": {},
-            "sites": recs, "excluded": excluded or {}, "seed": 0}
 
 
 @pytest.fixture
@@ -61,23 +38,3 @@ def parent_run(store, tiny_cfg):
     from ultrafed.tracking.runs import start_parent_run
 
     return start_parent_run(tiny_cfg, experiment="tests")
-
-
-def register_chain(parent_run: str, tmp: Path, n: int = 3, *, name: str = "ultrafed-encoder",
-                   val_losses=None, gate_by_round=None) -> list:
-    """Register ``n`` rounds as versions 1..n, each round's parent the previous version."""
-    from ultrafed.tracking.registry import register_encoder
-    from ultrafed.tracking.runs import end_run, start_round_run
-
-    out = []
-    parent = None
-    for r in range(n):
-        rid = start_round_run(parent_run, r)
-        lin = round_lineage(tmp, r, parent, gate=(gate_by_round or {}).get(r))
-        loss = (val_losses or [0.9 - 0.1 * i for i in range(n)])[r]
-        v = register_encoder(small_encoder(seed=r), name=name, run_id=rid, lineage=lin,
-                             metrics={"global_val_loss": loss})
-        end_run(rid)
-        out.append(v)
-        parent = v.version
-    return out

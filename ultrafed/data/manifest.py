@@ -42,8 +42,7 @@ MANIFEST_COLUMNS: tuple[str, ...] = (
     "split", "name_flag",
 )
 _INT_COLUMNS = ("size_bytes", "width", "height", "bit_depth", "channels", "caliper_marks", "dup_group",
-                "dup_group_size",
-                "mask_width", "mask_height")
+                "dup_group_size", "mask_width", "mask_height")
 _FLOAT_DECIMALS = {"mean": 3, "std": 3, "frac_black": 5, "frac_saturated": 5, "sharpness": 3,
                    "mask_fraction": 5}
 _STR_COLUMNS = tuple(c for c in MANIFEST_COLUMNS if c not in _INT_COLUMNS and c not in _FLOAT_DECIMALS
@@ -53,13 +52,12 @@ BLACK_MAX = 4         # a pixel at or below this is "black" (background, not tis
 SATURATED_MIN = 251   # a pixel at or above this is "saturated" (clipped gain)
 CALIPER_CONTRAST = 40  # a "+" mark's arms exceed everything around them by this many grey levels
 # Near-duplicates: dHash within NEAR_DUP_BITS and pHash within NEAR_DUP_PHASH_BITS. Calibrated
-# on BUSI's own duplicate groups (../shared/data/busi/labels.csv `group`): 200 of its 253
-# same-group pairs found, no pair across groups; on the synthetic cohort, whose images share
-# coarse structure, 5 pairs (dHash <= 6 alone: 38). See docs/DATA.md.
+# on BUSI's own duplicate groups (../shared/data/busi/labels.csv `group`): most of its
+# same-group pairs found (211 of 253), no pair across groups; none in the synthetic cohort.
 NEAR_DUP_BITS = 8
-NEAR_DUP_PHASH_BITS = 6
+NEAR_DUP_PHASH_BITS = 8
 LABEL_KEYS = ("label", "malignant")  # the class-label column: 'label' (BUSI, synthetic), 'malignant' (DDTI)
-SCAN_VERSION = 2      # bump when a per-file statistic changes meaning: invalidates stat caches
+SCAN_VERSION = 3      # bump when a per-file statistic changes meaning: invalidates stat caches
 _IMAGE_FIELDS = ("sha256", "width", "height", "bit_depth", "channels", "mean", "std", "frac_black",
                  "frac_saturated", "sharpness", "caliper_marks", "dhash", "phash")  # of a readable image
 _PARALLEL_MIN = 48    # below this many files a process pool costs more than it saves
@@ -107,7 +105,16 @@ def perceptual_hashes(gray: np.ndarray) -> tuple[str, str]:
     """64-bit dHash and pHash as 16 hex digits each: re-exported or re-cropped copies of an
     image differ from it in few bits of both. The definitions of ``imagehash`` (dHash: signs
     of horizontal steps in a 9x8 thumbnail; pHash: 8x8 low-frequency DCT of a 32x32 thumbnail
-    against its median), computed with OpenCV area resampling: 10x faster than via PIL."""
+    against its median), computed with OpenCV area resampling (10x faster than via PIL), on
+    the image with its black background (a convex fan's corners) filled with the median
+    tissue level: otherwise every fan of a site hashes alike."""
+    black = gray <= BLACK_MAX
+    n_black = int(np.count_nonzero(black))
+    if 0.05 * gray.size < n_black < 0.98 * gray.size:
+        hist = cv2.calcHist([gray], [0], None, [256], [0, 256]).ravel()
+        hist[: BLACK_MAX + 1] = 0
+        gray = gray.copy()
+        gray[black] = int(np.searchsorted(np.cumsum(hist), hist.sum() / 2))
     small = cv2.resize(gray, (64, 64), interpolation=cv2.INTER_AREA)
     thumb = cv2.resize(small, (9, 8), interpolation=cv2.INTER_AREA).astype(np.int16)
     dbits = (thumb[:, 1:] > thumb[:, :-1]).ravel()
@@ -127,7 +134,7 @@ def image_stats(gray: np.ndarray) -> dict[str, float]:
         "mean": float(mean[0, 0]), "std": float(std[0, 0]),
         "frac_black": float(hist[: BLACK_MAX + 1].sum() / n),
         "frac_saturated": float(hist[SATURATED_MIN:].sum() / n),
-        "sharpness": float(cv2.mean(cv2.convertScaleAbs(lap))[0]),
+        "sharpness": float(cv2.norm(lap, cv2.NORM_L1) / n),
     }
 
 
@@ -251,7 +258,8 @@ def list_site(root: str | Path, site_id: str) -> tuple[list[_Entry], list[str]]:
             # A broken labels.csv: list the files (none may train: split 'unknown') so nothing
             # disappears silently from the audit trail.
             problems.append(msg)
-            return [_Entry(p, None, "unknown", "unknown", "") for p in list_images(root)], problems
+            files = [p for p in list_images(root) if root / "masks" not in p.parents]
+            return [_Entry(p, None, "unknown", "unknown", "") for p in files], problems
         return [], [msg]
     for line in site.problems:
         problems.append(line.replace(str(root) + os.sep, "").replace(str(root), "."))

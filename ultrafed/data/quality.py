@@ -13,7 +13,7 @@ import json
 import math
 import os
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -288,6 +288,12 @@ def _reason(item: Mapping[str, Any], status: str) -> str:
             + (f" ({note})" if note else ""))
 
 
+def _skipped(drift: Mapping[str, Any], why: str) -> dict[str, Any]:
+    return {"name": drift["name"], "expectation": _DRIFT_EXPECTATION.get(drift.get("statistic", "mean"), ""),
+            "severity": drift["severity"], "success": None, "observed": f"skipped: {why}", "kwargs": {},
+            "unexpected": []}
+
+
 def _drift_specs(suite: Mapping[str, Any], prev: pd.DataFrame) -> tuple[list[dict], list[dict]]:
     """GX specs with bounds computed from the previous manifest, and skipped drift entries."""
     specs, skipped = [], []
@@ -299,9 +305,7 @@ def _drift_specs(suite: Mapping[str, Any], prev: pd.DataFrame) -> tuple[list[dic
                              f"statistic in {', '.join(_DRIFT_EXPECTATION)}")
         values = pd.to_numeric(ok[col], errors="coerce").dropna()
         if values.empty:
-            skipped.append({"name": d["name"], "expectation": _DRIFT_EXPECTATION[stat], "severity": d["severity"],
-                            "success": None, "observed": "skipped: previous manifest has no values",
-                            "kwargs": {}, "unexpected": []})
+            skipped.append(_skipped(d, "previous manifest has no values"))
             continue
         ref = float({"mean": values.mean, "median": values.median, "stdev": values.std}[stat]())
         if "abs" in d:
@@ -316,8 +320,10 @@ def _drift_specs(suite: Mapping[str, Any], prev: pd.DataFrame) -> tuple[list[dic
     return specs, skipped
 
 
-def _judge(df: pd.DataFrame, suite: Mapping[str, Any], prev: pd.DataFrame | None
+def _judge(df: pd.DataFrame, suite: Mapping[str, Any], prev: pd.DataFrame | str | None
            ) -> tuple[str, list[str], list[tuple[str, str]], list[dict], pd.DataFrame]:
+    """Status, reasons, quarantine list, expectation results and usable rows. ``prev``: the
+    previous manifest, or why it could not be read (drift then shows as skipped)."""
     maxq = float(suite.get("max_quarantine_fraction", 0.25))
     items = run_expectations(df, suite["expectations"], maxq)
     errors = dict(zip(df["relpath"], df["error"]))
@@ -345,7 +351,9 @@ def _judge(df: pd.DataFrame, suite: Mapping[str, Any], prev: pd.DataFrame | None
     usable = df[~df["relpath"].isin(bad)]
     items_usable = run_expectations(usable, suite.get("usable") or [])
     items += items_usable
-    if prev is not None and len(usable):
+    if isinstance(prev, str):
+        items += [_skipped(d, prev) for d in suite.get("drift") or []]
+    elif prev is not None and len(usable):
         specs, skipped = _drift_specs(suite, prev)
         drift = run_expectations(usable, specs)
         for it, spec in zip(drift, specs):
@@ -374,7 +382,7 @@ def _judge(df: pd.DataFrame, suite: Mapping[str, Any], prev: pd.DataFrame | None
 
 
 def _check_frame(df: pd.DataFrame, manifest: Path, md5: str, suite_arg: str | Path | None,
-                 prev: pd.DataFrame | None, report: str | Path | None, problems: Sequence[str]) -> GateResult:
+                 prev: pd.DataFrame | str | None, report: str | Path | None, problems: Sequence[str]) -> GateResult:
     site = str(df["site"].dropna().iloc[0]) if len(df) and df["site"].notna().any() else manifest.stem
     suite = load_suite(suite_arg, site)
     status, reasons, quarantined, items, usable = _judge(df, suite, prev)
@@ -409,13 +417,17 @@ def check_manifest(manifest: str | Path, *, suite: str | Path | None = None, pre
         df = read_manifest(manifest)
     except ManifestError as e:
         return _failed_gate(manifest, manifest.stem, str(e), report)
-    prev = None
-    if previous is not None:
-        try:
-            prev = read_manifest(previous)
-        except ManifestError:
-            prev = None  # no usable history: drift is skipped (reported as such)
-    return _check_frame(df, manifest, manifest_md5(manifest), suite, prev, report, ())
+    return _check_frame(df, manifest, manifest_md5(manifest), suite, _read_previous(previous), report, ())
+
+
+def _read_previous(previous: str | Path | None) -> pd.DataFrame | str | None:
+    """The drift reference, or why there is none (reported as skipped drift checks)."""
+    if previous is None:
+        return None
+    try:
+        return read_manifest(previous)
+    except ManifestError as e:
+        return f"previous manifest unusable ({e})"
 
 
 def check_site(root: str | Path, site_id: str, *, manifest_out: str | Path, previous: str | Path | None = None,
@@ -428,12 +440,7 @@ def check_site(root: str | Path, site_id: str, *, manifest_out: str | Path, prev
     """
     manifest_out = Path(manifest_out)
     prev_path = Path(previous) if previous else (manifest_out if manifest_out.is_file() else None)
-    prev_df = None
-    if prev_path is not None:
-        try:
-            prev_df = read_manifest(prev_path)  # read before it is overwritten
-        except ManifestError:
-            prev_df = None
+    prev_df = _read_previous(prev_path)  # read before it is overwritten
     # The stat cache lives next to the manifest it was written with; callers that move the
     # last manifest aside (to keep it as the drift reference) leave it at manifest_out.
     cache_from = manifest_out if stat_cache_path(manifest_out).is_file() else prev_path

@@ -52,6 +52,7 @@ class FinetuneResult:
     task: str = ""
     wall_s: float = 0.0
     problems: list[str] = field(default_factory=list)  # rows/files left out, one line each
+    settings: dict[str, Any] = field(default_factory=dict)  # the hyper-parameters actually used (to log)
 
 
 def primary_metric(spec: TaskSpec) -> str:
@@ -110,7 +111,11 @@ def _loss(spec: TaskSpec, logits: Tensor, batch: dict[str, Tensor], device: torc
 @torch.no_grad()
 def predict(model: nn.Module, ds: TaskDataset, *, batch_size: int = 64, device: torch.device | str = "cpu"
             ) -> tuple[np.ndarray, Any]:
-    """``(probs [N, C], labels [N])`` for diagnosis or ``(pred masks, gt masks)`` (lists of ``[S, S]`` bool)."""
+    """``(probs [N, C], labels [N])`` for diagnosis or ``(pred masks, gt masks)`` (lists of ``[S, S]`` bool).
+
+    Masks are compared at the model's resolution ``S`` (ground truth resized nearest-neighbour),
+    as the 128-px anchors were measured; HD95 is therefore in pixels of ``S``, not millimetres.
+    """
     device = torch.device(device)
     model.to(device).eval()
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=0)
@@ -196,7 +201,11 @@ def fit(model: nn.Module, data: _Data, spec: TaskSpec, *, epochs: int, batch_siz
         weight_decay: float, layer_decay: float, warmup_epochs: float, seed: int, device: torch.device,
         num_workers: int = 0, progress: bool = False, n_boot: int = 1000, evaluate_test: bool = False,
         label: str = "finetune") -> FinetuneResult:
-    """Train ``model`` on ``data.train``, pick the best epoch on ``data.val``, optionally score test."""
+    """Train ``model`` on ``data.train``, pick the best epoch on ``data.val``, optionally score test.
+
+    An epoch whose val metric is undefined (e.g. AUROC on a single-class val split) never beats
+    a defined one; ties keep the earlier epoch.
+    """
     if epochs < 1:
         raise ValueError(f"{label}: epochs must be >= 1, got {epochs}")
     t0 = time.perf_counter()
@@ -248,8 +257,11 @@ def fit(model: nn.Module, data: _Data, spec: TaskSpec, *, epochs: int, batch_siz
     val = evaluate(model, data.val, batch_size=batch_size, device=device, n_boot=n_boot, seed=seed)
     test = (evaluate(model, data.test, batch_size=batch_size, device=device, n_boot=n_boot, seed=seed)
             if evaluate_test and data.test is not None else None)
+    settings = {"model": label, "img_size": data.train.img_size, "epochs": epochs, "batch_size": batch_size,
+                "lr": lr, "weight_decay": weight_decay, "layer_decay": layer_decay, "warmup_epochs": warmup_epochs,
+                "seed": seed, "steps": step, "selection": f"val_{key}"}
     return FinetuneResult(model=model.cpu().eval(), val=val, test=test, history=history, best_epoch=best[1],
-                          task=spec.name, wall_s=time.perf_counter() - t0, problems=data.problems)
+                          task=spec.name, wall_s=time.perf_counter() - t0, problems=data.problems, settings=settings)
 
 
 def build_task_model(spec: TaskSpec, encoder: ViTEncoder) -> nn.Module:
@@ -266,6 +278,8 @@ def finetune(task: str, root: str | Path, encoder: ViTEncoder | None, *, preset:
     """Fine-tune ``encoder`` (copied; ``None`` = random init of ``preset``) with the task head.
 
     ``lr`` is the peak rate of the head; encoder block ``i`` gets ``lr * layer_decay ** (depth - i)``.
+    Layer decay protects pretrained lower layers, so the scratch baseline (``encoder=None``)
+    trains every layer at the full rate (``layer_decay`` is ignored; ``settings`` records 1.0).
     Warmup then cosine decay per step. The returned model holds the best-on-val epoch.
     """
     spec = get_task(task)
@@ -278,7 +292,7 @@ def finetune(task: str, root: str | Path, encoder: ViTEncoder | None, *, preset:
             raise ValueError(f"encoder takes {enc.in_chans} channels; task images are one gray channel")
         model = build_task_model(spec, enc)
     return fit(model, data, spec, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-               layer_decay=layer_decay, warmup_epochs=warmup_epochs, seed=seed, device=dev,
+               layer_decay=1.0 if encoder is None else layer_decay, warmup_epochs=warmup_epochs, seed=seed, device=dev,
                num_workers=num_workers, progress=progress, n_boot=n_boot, evaluate_test=evaluate_test,
                label="scratch" if encoder is None else "finetune")
 
@@ -348,7 +362,9 @@ def _handcrafted_lr(spec: TaskSpec, data: _Data, *, img_size: int, seed: int, n_
         test = score(spec, full_proba(clf, _features(data.test, img_size), spec.num_classes), data.test.labels,
                      n_boot=n_boot, seed=seed)
     return FinetuneResult(model=clf, val=val, test=test, history=history, best_epoch=best[1], task=spec.name,
-                          wall_s=time.perf_counter() - t0, problems=data.problems)
+                          wall_s=time.perf_counter() - t0, problems=data.problems,
+                          settings={"model": "handcrafted-lr", "img_size": img_size, "C": history[best[1]]["C"],
+                                    "seed": seed, "selection": "val_auroc"})
 
 
 

@@ -3,9 +3,9 @@
 Submodules (import them directly; this package imports nothing heavy itself):
   runs      configure_tracking, ensure_experiment, parent/round/site runs, code_commit
   store     put_state / get_state: weights as run artifacts with sha256
-  registry  register_encoder, register_task_model, load_encoder, latest_version
+  registry  register_encoder, register_task_model, load_encoder, latest_version,
+            list_versions, promotion gates (mlflow/registry.yaml) and promote()
   lineage   the Lineage record, chain(), verify()
-  promote   gates from mlflow/registry.yaml, promote(), list_versions()
   pictures  reconstruction grids, loss curves, per-site bars (matplotlib, headless)
   server    start/stop a local ``mlflow server`` by PID
 """

@@ -154,10 +154,12 @@ def lineage_tags(lin: Lineage) -> dict[str, str]:
 
 
 def _encoder_signature(encoder: nn.Module) -> ModelSignature:
+    """One unnamed tensor in, one out: served models then take ``{"inputs": [N, C, H, W]}``
+    (a named spec would reach the pytorch flavour as a dict, which it rejects)."""
     c, s = int(encoder.in_chans), int(encoder.img_size)
     tokens, dim = 1 + int(encoder.num_patches), int(encoder.embed_dim)
-    return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, c, s, s), "images")]),
-                          outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, tokens, dim), "tokens")]))
+    return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, c, s, s))]),
+                          outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, tokens, dim))]))
 
 
 def files_sha256(root: Path) -> dict[str, str]:
@@ -376,9 +378,8 @@ def register_task_model(model: nn.Module, *, name: str, encoder_uri: str, run_id
     with torch.no_grad():
         out = wrapped(torch.zeros(1, in_chans, size, size))
     sig = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, in_chans, size, size), "images")]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *out.shape[1:]),
-                                   "probabilities" if probabilities else "outputs")]))
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, in_chans, size, size))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *out.shape[1:]))]))
     return _log_and_register(wrapped, name=name, run_id=run_id, lin=lin, signature=sig,
                              artifact_name="task_model")
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import hashlib
 import os
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -76,7 +78,7 @@ def _store_lock(tracking_uri: str) -> Iterator[None]:
     """Serialise first-time schema creation and experiment creation on one sqlite file.
 
     Two processes opening a fresh sqlite store at once both run MLflow's migrations and one
-    fails; an OS file lock beside the database makes that step one-at-a-time. Servers
+    fails; an OS file lock makes that step one-at-a-time. Servers
     serialise on their own, so nothing is locked for http URIs.
     """
     db = _sqlite_path(tracking_uri)
@@ -84,7 +86,10 @@ def _store_lock(tracking_uri: str) -> Iterator[None]:
         yield
         return
     db.parent.mkdir(parents=True, exist_ok=True)
-    with open(db.with_name(db.name + ".lock"), "a+") as fh:
+    # The lock file lives in the temp dir (keyed by the database's path), not beside the
+    # database, so the repo's mlflow/ folder gains no stray files.
+    key = hashlib.sha256(str(db.resolve()).encode()).hexdigest()[:16]
+    with open(Path(tempfile.gettempdir()) / f"ultrafed-mlflow-{key}.lock", "a+") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield

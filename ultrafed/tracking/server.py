@@ -59,6 +59,13 @@ def _healthy(url: str) -> bool:
         return False
 
 
+def auth_available() -> bool:
+    """MLflow's basic-auth app needs the ``mlflow[auth]`` extra (Flask-WTF for CSRF)."""
+    import importlib.util
+
+    return importlib.util.find_spec("flask_wtf") is not None
+
+
 def _auth_config(root: Path, default_permission: str) -> Path:
     """MLflow basic-auth ini: users live in their own sqlite beside the tracking db."""
     ini = root / "basic_auth.ini"
@@ -97,6 +104,8 @@ def start_server(root: str | Path | None = None, *, host: str = "127.0.0.1", por
         password = admin_password or os.environ.get("MLFLOW_AUTH_ADMIN_PASSWORD")
         if not password:
             raise ServerError("basic auth needs an admin password (admin_password= or $MLFLOW_AUTH_ADMIN_PASSWORD)")
+        if not auth_available():
+            raise ServerError("basic auth needs MLflow's auth extra (Flask-WTF): pip install 'mlflow[auth]'")
         env["MLFLOW_AUTH_CONFIG_PATH"] = str(_auth_config(rootp, default_permission))
         env["MLFLOW_AUTH_ADMIN_PASSWORD"] = password
         env.setdefault("MLFLOW_FLASK_SERVER_SECRET_KEY", os.urandom(16).hex())
@@ -179,9 +188,27 @@ def stop_server(handle: ServerHandle | str | Path | None = None, timeout_s: floa
             time.sleep(0.2)
         if _group_alive(pgid):
             os.killpg(pgid, signal.SIGKILL)
-        _reap(h.pid)
+        deadline = time.monotonic() + 5.0  # until the exits are collected (by us or by init)
+        while time.monotonic() < deadline and _group_exists(pgid):
+            _reap(h.pid)
+            time.sleep(0.1)
     h.pid_file.unlink(missing_ok=True)
     return running
+
+
+def _group_exists(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def group_running(pgid: int) -> bool:
+    """Some member of process group ``pgid`` still runs (zombies awaiting reaping do not count)."""
+    return _group_alive(pgid)
 
 
 def _group_alive(pgid: int) -> bool:
