@@ -110,6 +110,10 @@ def federated_pretrain(cfg: dict, sites: list[dict], *, mode: str = "embedded", 
         excl = "; ".join(f"{s}: {w}" for s, w in rec["excluded"].items()) or "none"
         print(f"round {r + 1}/{rounds}: {int(m['sites_accepted'])} site(s) aggregated, train loss {m['train_loss']:.4f}, "
               f"global val loss {m['global_val_loss']:.4f}, registered {rec['model_uri']} ({m['seconds']:.1f} s); excluded: {excl}")
+    if state.history:
+        from ultrafed.tracking.pictures import log_loss_curves
+
+        log_loss_curves(parent_run_id)
     end_run(parent_run_id)
     _print_table(state.history)
     final = state.history[-1]["model_uri"] if state.history else None

@@ -110,7 +110,8 @@ def federated_round(cfg: dict, sites: list[dict], *, mode: str, round_idx: int, 
 
     # 5. validate the new global model at every site that passed its gate
     vals = {s["id"]: validate_global.submit(s, cfg, global_uri=agg["global_uri"], global_sha256=agg["global_sha256"],
-                                            mode=mode, timeout_s=timeout, run_id=site_runs[s["id"]]) for s in eligible}
+                                            mode=mode, timeout_s=timeout, run_id=site_runs[s["id"]],
+                                            round_idx=round_idx) for s in eligible}
     val_loss: dict[str, float] = {}
     for sid, fut in vals.items():
         res, err = _outcome(fut, timeout)
@@ -133,6 +134,11 @@ def federated_round(cfg: dict, sites: list[dict], *, mode: str, round_idx: int, 
     finite = {k: v for k, v in metrics.items() if v == v}
     log_metrics(round_run, finite)
     log_metrics(parent_run_id, finite, step=round_idx)
+    from ultrafed.tracking.pictures import log_site_bars
+
+    for name, per_site in (("val_loss", val_loss), ("train_loss", train_loss)):
+        if any(v == v for v in per_site.values()):
+            log_site_bars(round_run, {k: v for k, v in per_site.items() if v == v}, metric=name, round_idx=round_idx)
 
     lineage = {
         "round": round_idx, "parent_version": parent_version, "strategy": fed["strategy"],

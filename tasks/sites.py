@@ -25,7 +25,8 @@ def train_site(site: Mapping[str, Any], cfg: Mapping[str, Any], *, round_idx: in
 
 @task(name="validate_global", task_run_name="validate-{site[id]}", retries=1, retry_delay_seconds=2)
 def validate_global(site: Mapping[str, Any], cfg: Mapping[str, Any], *, global_uri: str, global_sha256: str,
-                    mode: str, timeout_s: float, run_id: str | None) -> dict[str, Any]:
-    """Reconstruction loss of the new global model on the site's val split."""
-    params = {"cfg": dict(cfg), "global_uri": global_uri, "global_sha256": global_sha256}
+                    mode: str, timeout_s: float, run_id: str | None, round_idx: int = 0) -> dict[str, Any]:
+    """Reconstruction loss of the new global model on the site's val split (+ a reconstruction picture)."""
+    params = {"cfg": dict(cfg), "global_uri": global_uri, "global_sha256": global_sha256,
+              "picture_run_id": run_id, "round_idx": round_idx}
     return call_site(site, "validate", params, mode=mode, timeout_s=timeout_s, result_run_id=run_id)

@@ -203,16 +203,13 @@ class EpochSampler(Sampler[int]):
         return iter(torch.randperm(len(self.ds), generator=torch.Generator().manual_seed(seed)).tolist())
 
 
-def _worker_init(_: int) -> None:
-    cv2.setNumThreads(1)  # each worker is one process; OpenCV's own pool would oversubscribe the cores
-
-
 def make_loader(ds: Dataset, batch_size: int, num_workers: int, seed: int, shuffle: bool = True,
                 drop_last: bool | None = None) -> DataLoader:
     """A DataLoader whose order depends only on ``(seed, dataset epoch)``; persistent workers when ``num_workers > 0``.
 
     ``drop_last=None`` drops the ragged last batch only when at least one full batch exists, so a
-    site smaller than a batch still trains (one step per epoch).
+    site smaller than a batch still trains (one step per epoch). Workers leave OpenCV's thread
+    pool alone: ``cv2.setNumThreads`` in a forked worker can deadlock on the parent's pool.
     """
     if batch_size < 1 or num_workers < 0:
         raise ValueError(f"make_loader: need batch_size >= 1 and num_workers >= 0, got {batch_size}, {num_workers}")
@@ -221,5 +218,4 @@ def make_loader(ds: Dataset, batch_size: int, num_workers: int, seed: int, shuff
     gen = torch.Generator().manual_seed(int(seed))  # only feeds the workers' (unused) torch seeds
     return DataLoader(ds, batch_size=batch_size, sampler=EpochSampler(ds, seed, shuffle), drop_last=drop_last,
                       num_workers=num_workers, generator=gen, persistent_workers=num_workers > 0,
-                      worker_init_fn=_worker_init if num_workers > 0 else None,
                       pin_memory=torch.cuda.is_available())

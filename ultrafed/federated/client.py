@@ -143,8 +143,13 @@ def site_train(site_id: str, cfg: Config | Mapping[str, Any], *, round_idx: int,
 # -- validate ------------------------------------------------------------------------------
 @torch.no_grad()
 def site_validate(site_id: str, cfg: Config | Mapping[str, Any], *, global_uri: str, global_sha256: str | None = None,
-                  root: str | Path | None = None, work_dir: str | Path | None = None, max_images: int = 256) -> dict[str, Any]:
-    """Masked-reconstruction loss of a global model on the site's val split (fixed masks, no MIC)."""
+                  root: str | Path | None = None, work_dir: str | Path | None = None, max_images: int = 256,
+                  picture_run_id: str | None = None, round_idx: int = 0) -> dict[str, Any]:
+    """Masked-reconstruction loss of a global model on the site's val split (fixed masks, no MIC).
+
+    With ``picture_run_id`` the site also logs an original / masked / reconstruction grid of a
+    few val images to its own run (a picture of its data stays in the site's MLflow run).
+    """
     import cv2
     import numpy as np
 
@@ -174,6 +179,13 @@ def site_validate(site_id: str, cfg: Config | Mapping[str, Any], *, global_uri: 
         total += float(out.loss) * x.shape[0]
         n += x.shape[0]
     loss = total / max(n, 1)
+    if picture_run_id:
+        from ultrafed.tracking.pictures import log_reconstructions
+
+        first = [cv2.resize(ds.gray(i), (size, size), interpolation=cv2.INTER_AREA) for i in range(min(4, len(ds)))]
+        imgs = torch.from_numpy(np.stack(first)[:, None].astype(np.float32) / 255.0).to(device)
+        log_reconstructions(picture_run_id, model, imgs, site=site_id, round_idx=round_idx,
+                            generator=torch.Generator().manual_seed(derive_seed(cfg.seed, "picture", round_idx, site_id)))
     if not math.isfinite(loss):
         raise SiteError(f"site {site_id}: validation loss is not finite ({loss})")
     return {"site": site_id, "val_loss": loss, "n_val": n}
