@@ -1,7 +1,7 @@
 """The ``ultrafed`` command line: one sub-command module per concern (see flows/commands/).
 
-Modules are imported lazily per command so that ``ultrafed data ...`` never pays for
-importing Prefect or MLflow.
+Command modules keep their heavy imports (Prefect, MLflow) inside their handlers, so
+``ultrafed data ...`` never pays for importing the orchestration stack.
 """
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ COMMANDS: dict[str, str] = {
     "pretrain": "flows.commands.pretrain",
     "federation": "flows.commands.federation",
     "demo": "flows.commands.demo",
+    "finetune": "flows.commands.finetune",
+    "report": "flows.commands.report",
     "models": "flows.commands.registry", "lineage": "flows.commands.registry", "promote": "flows.commands.registry",
 }
 

@@ -18,6 +18,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run (default: the latest) from its last completed round")
     p.add_argument("--run-name", help="name of the run folder under .ultrafed/runs")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or the embedded store)")
+    p.add_argument("--metrics-out", help="write the final model URI and metrics as JSON (for dvc metrics)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a params.yaml value, e.g. --set model.img_size=64 (YAML value)")
     p.set_defaults(func=run)
@@ -92,4 +93,12 @@ def run(args: argparse.Namespace) -> int:
     except RoundFailed as e:
         print(f"ultrafed pretrain: round failed: {e}", file=sys.stderr)
         return 1
+    if args.metrics_out and out.get("model_uri"):
+        import json
+
+        last = out["history"][-1]
+        Path(args.metrics_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.metrics_out).write_text(json.dumps({"model_uri": out["model_uri"], "rounds": len(out["history"]),
+                                                      **{k: v for k, v in last["metrics"].items() if "." not in k}},
+                                                     indent=2))
     return 0 if out.get("model_uri") else 1

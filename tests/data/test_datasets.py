@@ -104,7 +104,6 @@ def _batches(loader, epoch):
     return [b for b in loader]
 
 
-@pytest.mark.slow
 def test_workers_do_not_change_the_data(records):
     """0 or 2 workers, epoch 0 then 1: identical batches (the epoch reaches persistent workers)."""
     ds0, ds2 = make(records, mic=MIC), make(records, mic=MIC)

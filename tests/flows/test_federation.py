@@ -29,6 +29,7 @@ def federation(flow_home: Path, tmp_path_factory):
 
 def test_two_sites_two_rounds_through_real_workers(federation, flow_cfg, monkeypatch):
     info, roots = federation
+    monkeypatch.setenv("ULTRAFED_TEST_TRACKING_URI", os.environ["MLFLOW_TRACKING_URI"])
     monkeypatch.setenv("PREFECT_API_URL", info["prefect_api_url"])
     monkeypatch.setenv("MLFLOW_TRACKING_URI", info["mlflow_tracking_uri"])
     from ultrafed.tracking.runs import configure_tracking
@@ -51,15 +52,15 @@ def test_two_sites_two_rounds_through_real_workers(federation, flow_cfg, monkeyp
     watching["on"] = True
     try:
         out = federated_pretrain(flow_cfg, sites, mode="federation", rounds=2, run_name="federation-it")
+        import mlflow
+
+        enc = mlflow.pytorch.load_model(out["model_uri"])  # the registered model, through the server
     finally:
         watching["on"] = False
+        configure_tracking(os.environ["ULTRAFED_TEST_TRACKING_URI"])  # later tests use the embedded store
     assert [h["round"] for h in out["history"]] == [0, 1]
     assert all(h["metrics"]["sites_accepted"] == 2 for h in out["history"])
     assert opened == [], f"the coordinator opened site files: {opened[:3]}"
-    # the registered global model is reachable through the tracking server
-    import mlflow
-
-    enc = mlflow.pytorch.load_model(out["model_uri"])
     assert sum(p.numel() for p in enc.parameters()) > 0
 
 

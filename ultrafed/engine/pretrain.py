@@ -10,6 +10,7 @@ runs the model.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -117,6 +118,45 @@ def _progress_bar(enabled: bool | str, total: int):
     return tqdm(total=total, desc=enabled if isinstance(enabled, str) else "pretrain", unit="step", leave=False)
 
 
+def draw_mask(model: MaskedAutoencoderViT, batch: Mapping[str, Tensor], tgm_strength: float | None,
+              generator: torch.Generator) -> Tensor:
+    """``[N, L]`` bool on the CPU: TGM from the batch's texture scores (computed from the clean
+    target when absent), or MAE's uniform masks when ``tgm_strength`` is None."""
+    target = batch["target"]
+    if tgm_strength is None:
+        return model.random_mask(target.shape[0], generator)
+    tex = batch.get("texture")
+    if tex is None:
+        tex = texture_scores(target, model.encoder.patch_size)
+    return tgm_mask(tex, model.mask_ratio, tgm_strength, generator)
+
+
+def train_step(model: MaskedAutoencoderViT, opt: torch.optim.Optimizer, batch: Mapping[str, Tensor], mask: Tensor, *,
+               device: torch.device, step: int = 0, prox_mu: float = 0.0,
+               global_state: Mapping[str, Tensor] | None = None, where: str = "") -> tuple[float, float]:
+    """One optimiser step on ``input`` -> clean ``target`` (bf16 autocast on CUDA).
+
+    Returns (reconstruction loss, proximal term). A non-finite loss raises
+    :class:`NonFiniteLossError` *before* the weights are touched.
+    """
+    inp = batch["input"].to(device, non_blocking=True)
+    target = batch["target"].to(device, non_blocking=True)
+    mask = mask.to(device, non_blocking=True)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        out = model(inp, mask=mask, target=target)
+    loss, prox = out.loss, None
+    if global_state is not None and prox_mu > 0:
+        prox = _proximal(model.named_parameters(), global_state, prox_mu)
+        loss = loss + prox
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise NonFiniteLossError(step, value, where)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return float(out.loss.detach()), (float(prox.detach()) if prox is not None else 0.0)
+
+
 def train_local(model: MaskedAutoencoderViT, loader: torch.utils.data.DataLoader, *, epochs: int,
                 peak_lr: float, weight_decay: float, betas: tuple[float, float], warmup_steps: int,
                 total_steps: int, step_offset: int = 0, optimizer_state: dict | None = None,
@@ -144,13 +184,12 @@ def train_local(model: MaskedAutoencoderViT, loader: torch.utils.data.DataLoader
     model.to(device).train()
     opt = build_optimizer(model, peak_lr, weight_decay, betas)
     if optimizer_state is not None:
-        opt.load_state_dict(optimizer_state)  # moves the moments onto the parameters' device
+        # a copy: on the same device torch adopts the given tensors and AdamW would update the caller's state in place
+        opt.load_state_dict(copy.deepcopy(optimizer_state))
     gstate = None
     if prox_mu > 0:
         gstate = {n: global_state[n].to(device, torch.float32) for n, p in model.named_parameters() if p.requires_grad}
     gen = torch.Generator().manual_seed(seed)
-    use_bf16 = device.type == "cuda"
-    patch = model.encoder.patch_size
     bar = _progress_bar(progress, epochs * steps_per_epoch)
     dataset = getattr(loader, "dataset", None)
 
@@ -167,32 +206,12 @@ def train_local(model: MaskedAutoencoderViT, loader: torch.utils.data.DataLoader
                 lr = lr_at(gstep, peak_lr=peak_lr, warmup_steps=warmup_steps, total_steps=total_steps, min_lr=min_lr)
                 for g in opt.param_groups:
                     g["lr"] = lr
-                target = batch["target"]
-                n = target.shape[0]
-                if tgm_strength is None:
-                    mask = model.random_mask(n, gen)
-                else:
-                    tex = batch.get("texture")
-                    if tex is None:
-                        tex = texture_scores(target, patch)
-                    mask = tgm_mask(tex, model.mask_ratio, tgm_strength, gen)
-                inp = batch["input"].to(device, non_blocking=True)
-                target = target.to(device, non_blocking=True)
-                mask = mask.to(device, non_blocking=True)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    out = model(inp, mask=mask, target=target)
-                loss = out.loss
+                n = batch["target"].shape[0]
+                mask = draw_mask(model, batch, tgm_strength, gen)
+                rec, prox = train_step(model, opt, batch, mask, device=device, step=gstep, prox_mu=prox_mu,
+                                       global_state=gstate, where=progress if isinstance(progress, str) else "")
                 if gstate is not None:
-                    prox = _proximal(model.named_parameters(), gstate, prox_mu)
-                    prox_losses.append(float(prox.detach()))
-                    loss = loss + prox
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    raise NonFiniteLossError(gstep, value, progress if isinstance(progress, str) else "")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                rec = float(out.loss.detach())
+                    prox_losses.append(prox)
                 losses.append(rec)
                 images += n
                 step += 1
