@@ -51,7 +51,10 @@ def main() -> None:
     ap.add_argument("--cache", action="store_true", help="decoded frames and SMAT copies cached in memory")
     ap.add_argument("--e2e", action="store_true", help="also time train_local through the loader")
     ap.add_argument("--synth-images", type=int, default=96)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads of the main process (0: torch's default)")
     args = ap.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
 
     cfg = load_config()
     bs = args.batch or cfg.pretrain.batch_size
@@ -113,7 +116,7 @@ def main() -> None:
           f"{len(ds.problems)} unreadable skipped")
     print(f"ViT-{cfg.model.preset} {cfg.model.img_size} px, decoder {cfg.model.decoder_depth}x{cfg.model.decoder_dim}, "
           f"batch {bs}, {workers} worker(s), cache {'on' if args.cache else 'off'}, MIC {'on' if cfg.ultramim.mic.enabled else 'off'}; "
-          f"{os.cpu_count()} cpus, load avg {load0:.1f} -> {os.getloadavg()[0]:.1f}")
+          f"{torch.get_num_threads()} torch threads, {os.cpu_count()} cpus, load avg {load0:.1f} -> {os.getloadavg()[0]:.1f}")
     print(f"  pipeline (decode+SMAT+crop+MIC+texture, DataLoader) median {p:8.1f} img/s   runs {[round(x, 1) for x in pipe]}")
     print(f"  training step (TGM mask + MAE fwd/bwd/AdamW)         median {s:8.1f} img/s   runs {[round(x, 1) for x in step]}")
     if e2e is not None:

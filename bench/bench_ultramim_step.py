@@ -72,7 +72,11 @@ def main() -> None:
     ap.add_argument("--decoders", default="params,paper", help="'params', or 'params,paper' to compare decoders")
     ap.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads (0: torch's default); 1 makes the cpu-time column robust to other jobs")
     args = ap.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
 
     cfg = load_config()
     mc = cfg.model

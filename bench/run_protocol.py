@@ -9,6 +9,7 @@ is printed for copying by hand.
 The store is separate from the project's embedded one (the results must not mix with demos)::
 
     .venv/bin/python bench/run_protocol.py --budget-min 60        # the reduced CPU protocol
+    .venv/bin/python bench/run_protocol.py --groups central resnet18 --budget-min 20   # more, if time is left
     .venv/bin/ultrafed report --out docs/RESULTS.md               # tables and plots from it
 
 Steps run in priority order against a wall-clock deadline; a step whose estimate does not
@@ -56,10 +57,12 @@ def _env() -> dict[str, str]:
 
 
 def centralized_folder(data: Path, out: Path) -> Path:
-    """One site folder holding the train (and unlabeled) images of busi, ddti and hc18 as symlinks.
+    """One site folder holding the train, val (and unlabeled) images of busi, ddti and hc18 as symlinks.
 
-    Only ``id`` and ``split`` are written: pretraining reads no labels. Ids are prefixed with
-    the dataset so they never collide; val/test images are not linked at all.
+    Only ``id`` and ``split`` are written: pretraining reads no labels and trains on train +
+    unlabeled only; val is there for the round's reconstruction-loss check, as at the three
+    federated sites. Ids are prefixed with the dataset so they never collide; test images are
+    not linked at all.
     """
     import csv
 
@@ -69,13 +72,13 @@ def centralized_folder(data: Path, out: Path) -> Path:
     for name in ("busi", "ddti", "hc18"):
         with open(data / name / "labels.csv", newline="") as fh:
             for row in csv.DictReader(fh):
-                if row.get("split") != "train":
+                if row.get("split") not in ("train", "val"):
                     continue
                 src = data / name / "images" / f"{row['id']}.png"
                 dst = out / "images" / f"{name}_{row['id']}.png"
                 if src.is_file() and not dst.exists():
                     dst.symlink_to(src.resolve())
-                rows.append({"id": f"{name}_{row['id']}", "split": "train"})
+                rows.append({"id": f"{name}_{row['id']}", "split": row["split"]})
     with open(out / "labels.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=["id", "split"])
         w.writeheader()
@@ -251,7 +254,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--pretrain-estimate-s", type=float, default=480.0)
     ap.add_argument("--finetune-estimate-s", type=float, default=180.0)
-    ap.add_argument("--centralized", action="store_true", help="also pretrain (d) centralized UltraMIM")
+    ap.add_argument("--groups", nargs="+", default=["main"], choices=["main", "central", "resnet18", "unet"],
+                    help="main: handcrafted-LR, federated UltraMIM, federated MAE, scratch, fine-tuned on busi-cls and "
+                         "the segmentation task; central: (d) centralized UltraMIM (one site holding every train image) "
+                         "and its fine-tuning; resnet18 / unet: the from-scratch CNN baselines at 128 px")
+    ap.add_argument("--baseline-estimate-s", type=float, default=300.0)
     args = ap.parse_args(argv)
 
     os.environ.update({k: v for k, v in _env().items() if k in ("ULTRAFED_HOME", "MLFLOW_TRACKING_URI",
@@ -264,20 +271,24 @@ def main(argv: list[str] | None = None) -> int:
     p = Protocol(data, args.budget_min * 60, args.rounds, args.local_epochs, args.ft_epochs, args.seg_task, args.seed)
     t0 = time.perf_counter()
     fe = args.finetune_estimate_s
-    # Priority order: the BUSI-cls comparison of all three encoders first, segmentation after.
-    p.baseline("handcrafted-lr", "busi-cls", 60, epochs=args.ft_epochs)
-    p.pretrain("ultramim-fed", {}, args.pretrain_estimate_s, ["--data", str(data)])
-    p.finetune("ultramim-fed", "busi-cls", fe)
-    p.finetune("scratch", "busi-cls", fe)
-    p.pretrain("mae-fed", MAE_OFF, args.pretrain_estimate_s, ["--data", str(data)])
-    p.finetune("mae-fed", "busi-cls", fe)
-    for variant in ("ultramim-fed", "scratch", "mae-fed"):
-        p.finetune(variant, args.seg_task, fe)
-    if args.centralized:
+    if "main" in args.groups:  # priority order: the BUSI-cls comparison of all three encoders first
+        p.baseline("handcrafted-lr", "busi-cls", 60, epochs=args.ft_epochs)
+        p.pretrain("ultramim-fed", {}, args.pretrain_estimate_s, ["--data", str(data)])
+        p.finetune("ultramim-fed", "busi-cls", fe)
+        p.finetune("scratch", "busi-cls", fe)
+        p.pretrain("mae-fed", MAE_OFF, args.pretrain_estimate_s, ["--data", str(data)])
+        p.finetune("mae-fed", "busi-cls", fe)
+        for variant in ("ultramim-fed", "scratch", "mae-fed"):
+            p.finetune(variant, args.seg_task, fe)
+    if "central" in args.groups:
         sites_yaml = centralized_folder(data, RESULTS_HOME / "central" / "central")
         p.pretrain("ultramim-central", {"federated.min_sites": 1}, args.pretrain_estimate_s, ["--sites", str(sites_yaml)])
         p.finetune("ultramim-central", "busi-cls", fe)
         p.finetune("ultramim-central", args.seg_task, fe)
+    if "resnet18" in args.groups:
+        p.baseline("resnet18", "busi-cls", args.baseline_estimate_s, epochs=args.ft_epochs)
+    if "unet" in args.groups:
+        p.baseline("unet", args.seg_task, args.baseline_estimate_s, epochs=args.ft_epochs)
     print(f"protocol done in {time.perf_counter() - t0:.0f} s; pretraining wall: "
           + ", ".join(f"{k} {v:.0f} s" for k, v in p.pretrain_s.items()), flush=True)
     return 0

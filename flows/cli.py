@@ -19,6 +19,7 @@ COMMANDS: dict[str, str] = {
     "federation": "flows.commands.federation",
     "demo": "flows.commands.demo",
     "finetune": "flows.commands.finetune",
+    "schedule": "flows.commands.schedule",
     "report": "flows.commands.report",
     "models": "flows.commands.registry", "lineage": "flows.commands.registry", "promote": "flows.commands.registry",
 }

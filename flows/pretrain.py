@@ -102,6 +102,7 @@ def federated_pretrain(cfg: dict, sites: list[dict], *, mode: str = "embedded", 
                                      {k: rec[k] for k in ("round", "metrics", "excluded", "weights", "version", "model_uri")}],
                                  parent_run_id=parent_run_id)
         save_round(run_dir, state)
+        getattr(__import__("ctypes").CDLL(None), "malloc_trim", lambda _: 0)(0)  # glibc keeps freed arena pages in RSS
         rss_mb = psutil.Process().memory_info().rss / 2**20
         log_metrics(parent_run_id, {"coordinator_rss_mb": rss_mb}, step=r)
         state.history[-1]["rss_mb"] = rss_mb

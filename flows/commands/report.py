@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         written = write_report(MlflowClient(uri), args.experiment, args.out, tracking_uri=uri, report_command=cmd)
     except LookupError as e:
-        print(f"ultrafed report: {e}", file=sys.stderr)
+        print(f"ultrafed report: {uri}: {e}", file=sys.stderr)
         return 1
     for p in written:
         print(f"wrote {p}")

@@ -202,3 +202,15 @@ def test_progress_bar_names_the_site_and_round(dataset, capsys):
     train_local(tiny(), [batch, batch], epochs=1, progress="site-3 round 2", **OPT)
     err = capsys.readouterr().err
     assert "site-3 round 2" in err and "2/2" in err
+
+
+def test_pretrain_single_site_without_usable_images(tmp_path, tiny_cfg):
+    site = tmp_path / "site-x"
+    (site / "images").mkdir(parents=True)
+    (site / "images" / "a.png").write_bytes(b"")
+    (site / "images" / "b.png").write_bytes(b"garbage")
+    with pytest.raises(ValueError) as e:
+        pretrain_single_site(tiny_cfg, site, tmp_path / "run", progress=False)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"{site}: no usable images") and "2 unreadable" in msg and "a.png: zero-byte" in msg
+    assert not (tmp_path / "run").exists()

@@ -75,3 +75,21 @@ def test_resume_after_crash_gives_identical_weights(flow_cfg, cohort, flow_home:
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed run diverged from the uninterrupted one"
     assert [h["round"] for h in resumed["history"]] == [0, 1, 2]
     shutil.rmtree(flow_home / "wa", ignore_errors=True)
+
+
+def test_site_whose_training_crashes_is_excluded_and_round_goes_on(flow_cfg, cohort, monkeypatch):
+    from ultrafed.federated import client
+
+    real_train = client.ACTIONS["train"]
+
+    def crashing_train(site_id, **kw):  # fault injection: this site's worker dies mid-training
+        if site_id == cohort[2]["id"]:
+            raise MemoryError("simulated crash of the site's training process")
+        return real_train(site_id, **kw)
+
+    monkeypatch.setitem(client.ACTIONS, "train", crashing_train)
+    out = _run(dict(flow_cfg, federated={**flow_cfg["federated"], "rounds": 1}), cohort, "crashing-site")
+    rec = out["history"][0]
+    assert rec["excluded"] == {cohort[2]["id"]: "training failed: MemoryError: simulated crash of the site's training process"}
+    assert rec["metrics"]["sites_accepted"] == 2
+    assert set(rec["weights"]) == {s["id"] for s in cohort[:2]}

@@ -102,9 +102,11 @@ def test_basic_auth_site_credentials(tmp_path, monkeypatch):
         _as(monkeypatch, "admin", "admin-pass-for-tests-1")
         configure_tracking(h.url)
         exp = ensure_experiment("federation")
-        auth = mlflow.server.get_app_client("basic-auth", tracking_uri=h.url)
+        from mlflow.server import get_app_client
+
+        auth = get_app_client("basic-auth", tracking_uri=h.url)
         auth.create_user("site-a", "site-a-pass-123456")
-        auth.create_experiment_permission(exp, "site-a", "EDIT")
+        auth.grant_user_permission("site-a", "experiment", exp, "EDIT")
         _as(monkeypatch, "site-a", "site-a-pass-123456")
         rid = MlflowClient().create_run(exp).info.run_id
         uri = put_state({"w": torch.ones(2)}, rid, "u")

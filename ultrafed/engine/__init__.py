@@ -5,13 +5,16 @@ from ultrafed.engine.pretrain import (
     LocalResult,
     NonFiniteLossError,
     build_optimizer,
+    draw_mask,
     lr_at,
     pretrain_single_site,
     scaled_lr,
     train_local,
+    train_step,
 )
 
 __all__ = [
-    "CheckpointError", "LocalResult", "NonFiniteLossError", "build_optimizer", "load_checkpoint",
+    "CheckpointError", "LocalResult", "NonFiniteLossError", "build_optimizer", "draw_mask", "load_checkpoint",
     "lr_at", "pretrain_single_site", "save_checkpoint", "scaled_lr", "select_device", "train_local",
+    "train_step",
 ]

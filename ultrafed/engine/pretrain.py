@@ -237,7 +237,8 @@ def pretrain_single_site(cfg, site_root: str | Path, out_dir: str | Path, *,
     """Quick start: UltraMIM on one site folder for ``cfg.pretrain.epochs``; writes checkpoint + metrics.
 
     Files: ``out_dir/checkpoint.pt`` (model, optimizer, resolved config, params hash, metrics)
-    and ``out_dir/metrics.json`` (metrics, checkpoint sha256, unreadable files skipped).
+    and ``out_dir/metrics.json`` (metrics, checkpoint sha256, unreadable files skipped). A site
+    with no usable image is a ``ValueError`` naming the folder and the first unreadable file.
     """
     from ultrafed.data.datasets import UltraMIMDataset, dataset_from_config, make_loader
     from ultrafed.data.sites import load_site
@@ -250,7 +251,7 @@ def pretrain_single_site(cfg, site_root: str | Path, out_dir: str | Path, *,
         why = f"; {len(ds.problems)} unreadable, first: {ds.problems[0]}" if ds.problems else ""
         raise ValueError(f"{site_root}: no usable images in split(s) {', '.join(splits)}{why}")
     pc = cfg.pretrain
-    loader = make_loader(ds, pc.batch_size, pc.num_workers, cfg.seed, shuffle=True, drop_last=len(ds) >= pc.batch_size)
+    loader = make_loader(ds, pc.batch_size, pc.num_workers, cfg.seed, shuffle=True)
     model = mae_from_config(cfg.model, seed=cfg.seed)
     spe = len(loader)
     device = select_device(pc.device)
@@ -266,7 +267,7 @@ def pretrain_single_site(cfg, site_root: str | Path, out_dir: str | Path, *,
         "steps": res.steps, "site": str(site_root), "device": str(device)})
     (out / "metrics.json").write_text(json.dumps(
         {"metrics": metrics, "checkpoint": "checkpoint.pt", "sha256": sha, "params_hash": cfg.params_hash(),
-         "problems": list(ds.problems)}, indent=2) + "\n")
+         "problems": list(ds.problems), "site_problems": list(site.problems)}, indent=2) + "\n")
     print(f"pretrained {Path(site_root).name}: {len(ds)} images ({ds.n_images} files"
           f"{', SMAT copies' if ds.smat else ''}; {len(ds.problems)} skipped), {res.steps} steps on {device}, "
           f"loss {metrics['loss']:.4f} (last {metrics['last_loss']:.4f}), {metrics['img_per_s']:.1f} img/s -> {out / 'checkpoint.pt'}")
