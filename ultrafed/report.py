@@ -79,7 +79,8 @@ def _experiment_ids(client: MlflowClient, experiment: str) -> list[str]:
 
 
 def load_results(client: MlflowClient, experiment: str) -> list[Result]:
-    """Every result run of ``experiment``; for a (variant, task, seed) logged twice, the newest wins."""
+    """Every result run of ``experiment``; for a (variant, task, seed) logged twice the newest wins, except
+    that a completed result is never hidden by a later skipped or failed attempt."""
     runs = client.search_runs(_experiment_ids(client, experiment), filter_string=f"tags.`ultrafed.kind` = '{RESULT_KIND}'",
                               order_by=["attributes.start_time ASC"], max_results=5000)
     latest: dict[tuple[str, str, str], Result] = {}
@@ -87,10 +88,20 @@ def load_results(client: MlflowClient, experiment: str) -> list[Result]:
         t = r.data.tags
         res = Result(run_id=r.info.run_id, variant=t.get("ultrafed.variant", "?"), task=t.get("ultrafed.task", "?"),
                      status=t.get("ultrafed.status", "ok"), seed=t.get("ultrafed.seed", "?"),
-                     preset=t.get("ultrafed.preset", "?"), wall_s=float(t.get("ultrafed.wall_s", "nan")),
+                     preset=t.get("ultrafed.preset", "?"), wall_s=_float(t.get("ultrafed.wall_s")),
                      command=t.get("ultrafed.command", ""), metrics=dict(r.data.metrics), params=dict(r.data.params))
-        latest[(res.variant, res.task, res.seed)] = res
+        key = (res.variant, res.task, res.seed)
+        if res.status == "ok" or key not in latest or latest[key].status != "ok":
+            latest[key] = res
     return list(latest.values())
+
+
+def _float(text: str | None) -> float:
+    """A tag as a number; NaN (shown as ``nan``) when it is absent or not a number."""
+    try:
+        return float(text) if text is not None else math.nan
+    except ValueError:
+        return math.nan
 
 
 def load_loss_curves(client: MlflowClient, experiment: str, metrics: Sequence[str] = ("train_loss", "global_val_loss")
@@ -180,6 +191,14 @@ def _find(results: Sequence[Result], variant: str, task: str) -> Result | None:
     return ok[-1] if ok else None
 
 
+def _overlap_note(a: Result, b: Result) -> str:
+    """Say so when two test CIs overlap: the difference is then within the bootstrap noise."""
+    ca, cb = a.ci("test"), b.ci("test")
+    if ca and cb and ca[0] <= cb[1] and cb[0] <= ca[1]:
+        return "; the 95% CIs overlap, so the difference is not significant"
+    return ""
+
+
 def goal_lines(results: Sequence[Result]) -> list[str]:
     """One line per goal of the issue: reached, missed by how much, or not measured."""
     out: list[str] = []
@@ -201,7 +220,7 @@ def goal_lines(results: Sequence[Result]) -> list[str]:
             gap = cen.metric("test") - fed.metric("test")  # type: ignore[operator]
             verdict = "**reached**" if gap <= FED_CENTRAL_TOLERANCE else f"**missed by {gap - FED_CENTRAL_TOLERANCE:.3f}**"
             out.append(f"federated within {FED_CENTRAL_TOLERANCE:g} of centralized on {task}: {verdict} "
-                       f"(centralized - federated = {gap:+.3f}).")
+                       f"(centralized - federated = {gap:+.3f}{_overlap_note(fed, cen)}).")
     if not compared:
         out.append(f"federated within {FED_CENTRAL_TOLERANCE:g} of centralized: **not measured** "
                    f"(no {CENTRAL} fine-tuning result).")
@@ -211,11 +230,9 @@ def goal_lines(results: Sequence[Result]) -> list[str]:
         if fed and mae and fed.metric("test") is not None and mae.metric("test") is not None:
             compared = True
             diff = fed.metric("test") - mae.metric("test")  # type: ignore[operator]
-            fci, mci = fed.ci("test"), mae.ci("test")
-            overlap = bool(fci and mci and fci[0] <= mci[1] and mci[0] <= fci[1])
             verdict = ("**reached**" if diff > 0 else f"**missed by {-diff:.3f}**")
             out.append(f"UltraMIM above plain MAE on {task}: {verdict} (UltraMIM - MAE = {diff:+.3f}"
-                       + ("; the 95% CIs overlap, so not a significant difference" if overlap else "") + ").")
+                       f"{_overlap_note(fed, mae)}).")
     if not compared:
         out.append(f"UltraMIM above plain MAE: **not measured** (needs {FEDERATED} and {PLAIN_MAE} on one task).")
     return out
@@ -300,7 +317,8 @@ def build_report(results: Sequence[Result], curves: Mapping[str, Mapping[str, Se
           f"Seeds: {', '.join(seeds) or '-'}. Encoder presets: {', '.join(presets) or '-'}. "
           "Model selection on val, test evaluated once per model; CIs are 95% bootstrap intervals over test images. "
           f"The commands below ran with `MLFLOW_TRACKING_URI={tracking_uri}` (and `ULTRAFED_HOME` set to the folder "
-          "of that store), as `bench/run_protocol.py` sets them.", ""]
+          "of that store), as `bench/run_protocol.py` sets them. Wall times are what each step took on the machine "
+          "that ran it, shared with other jobs: they say what the budget was, they are not benchmarks.", ""]
     pre = [r for r in results if r.task == PRETRAIN_TASK]
     if pre:
         md += ["## Pretraining", "", pretrain_table(results), ""]
