@@ -88,7 +88,8 @@ def federated_round(cfg: dict, sites: list[dict], *, mode: str, round_idx: int, 
 
     # 2. local training on each eligible site's pool
     trains = {s["id"]: train_site.submit(s, cfg, round_idx=round_idx, global_uri=global_uri, global_sha256=global_sha256,
-                                         run_id=site_runs[s["id"]], mode=mode, timeout_s=timeout) for s in eligible}
+                                         run_id=site_runs[s["id"]], run_key=parent_run_id, mode=mode,
+                                         timeout_s=timeout) for s in eligible}
     refs: list[dict] = []
     for sid, fut in trains.items():
         res, err = _outcome(fut, timeout)

@@ -16,10 +16,10 @@ def check_site(site: Mapping[str, Any], *, mode: str, timeout_s: float, run_id: 
 
 @task(name="train_site", task_run_name="train-{site[id]}-r{round_idx}", retries=1, retry_delay_seconds=5)
 def train_site(site: Mapping[str, Any], cfg: Mapping[str, Any], *, round_idx: int, global_uri: str,
-               global_sha256: str, run_id: str, mode: str, timeout_s: float) -> dict[str, Any]:
+               global_sha256: str, run_id: str, run_key: str, mode: str, timeout_s: float) -> dict[str, Any]:
     """Local UltraMIM epochs at the site; returns (site, n_images, metrics, update_uri, hashes)."""
     params = {"cfg": dict(cfg), "round_idx": round_idx, "global_uri": global_uri,
-              "global_sha256": global_sha256, "update_run_id": run_id}
+              "global_sha256": global_sha256, "update_run_id": run_id, "run_key": run_key}
     return call_site(site, "train", params, mode=mode, timeout_s=timeout_s, result_run_id=run_id)
 
 

@@ -28,12 +28,19 @@ class SiteError(RuntimeError):
     """A site cannot take part (no data, bad global model); the message is one line."""
 
 
+def default_work_dir(site_id: str) -> Path:
+    """``$ULTRAFED_HOME/sites/<id>`` (embedded default): never inside the data folder, which may be read-only."""
+    from ultrafed.config import REPO_ROOT
+
+    return Path(os.environ.get("ULTRAFED_HOME", REPO_ROOT / ".ultrafed")) / "sites" / site_id
+
+
 def site_paths(site_id: str, root: str | Path | None, work_dir: str | Path | None) -> tuple[Path, Path]:
     """Resolve the site's data root and private work dir (explicit args, else the worker's env)."""
     root = root or os.environ.get(SITE_ROOT_ENV)
     if not root:
         raise SiteError(f"site {site_id}: no data root (pass one or set ${SITE_ROOT_ENV} in the worker)")
-    work = Path(work_dir or os.environ.get(SITE_WORKDIR_ENV) or Path(root).parent / f".ultrafed-site-{site_id}")
+    work = Path(work_dir or os.environ.get(SITE_WORKDIR_ENV) or default_work_dir(site_id))
     work.mkdir(parents=True, exist_ok=True)
     return Path(root), work
 
@@ -94,9 +101,13 @@ def steps_per_epoch(n_items: int, batch_size: int) -> int:
 
 # -- train ---------------------------------------------------------------------------------
 def site_train(site_id: str, cfg: Config | Mapping[str, Any], *, round_idx: int, global_uri: str,
-               global_sha256: str | None, update_run_id: str, root: str | Path | None = None,
+               global_sha256: str | None, update_run_id: str, run_key: str = "default", root: str | Path | None = None,
                work_dir: str | Path | None = None, progress: bool = False) -> dict[str, Any]:
-    """Pull the global model, run ``local_epochs`` of UltraMIM, push the update; return a reference."""
+    """Pull the global model, run ``local_epochs`` of UltraMIM, push the update; return a reference.
+
+    ``run_key`` (the pretraining's parent run id) scopes the site's saved optimizer state, so
+    two pretrainings over the same site never read each other's AdamW moments.
+    """
     from ultrafed.data.datasets import dataset_from_config, make_loader
     from ultrafed.engine.device import select_device
     from ultrafed.engine.pretrain import scaled_lr, train_local
@@ -113,7 +124,7 @@ def site_train(site_id: str, cfg: Config | Mapping[str, Any], *, round_idx: int,
     ds = dataset_from_config(_training_records(site_id, root, work), cfg, seed)
     loader = make_loader(ds, batch_size=pre.batch_size, num_workers=pre.num_workers, seed=seed)
     per_round = steps_per_epoch(len(ds), pre.batch_size) * fed.local_epochs
-    optim_dir = work / "optimizer"
+    optim_dir = work / "optimizer" / run_key
     opt_state = None
     if fed.keep_optimizer_state and round_idx > 0:
         try:
