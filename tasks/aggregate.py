@@ -12,7 +12,13 @@ def _load_updates(refs: Sequence[Mapping[str, Any]]):
     from ultrafed.tracking.store import get_state
 
     return [SiteUpdate(site=r["site"], state=get_state(r["update_uri"], expected_sha256=r["update_sha256"]),
-                       n=int(r["n_images"]), loss=r.get("metrics", {}).get("loss")) for r in refs]
+                       n=int(r["n_images"]), loss=_site_loss(r)) for r in refs]
+
+
+def _site_loss(ref: Mapping[str, Any]) -> float | None:
+    """The global model's loss at the site before training (q-FedAvg), else its training loss."""
+    m = ref.get("metrics", {})
+    return m.get("loss_before", m.get("loss"))
 
 
 @task(name="validate_updates")

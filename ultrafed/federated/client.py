@@ -100,6 +100,22 @@ def steps_per_epoch(n_items: int, batch_size: int) -> int:
 
 
 # -- train ---------------------------------------------------------------------------------
+@torch.no_grad()
+def _global_loss(model, loader, tgm_strength: float | None, device, seed: int, max_batches: int = 2) -> float:
+    """UltraMIM loss of the (untrained) global model on the first batches of the site's data."""
+    from ultrafed.engine.pretrain import draw_mask
+
+    model.to(device).eval()
+    gen = torch.Generator().manual_seed(derive_seed(seed, "loss-before", 0))
+    losses = []
+    for i, batch in enumerate(loader):
+        if i >= max_batches:
+            break
+        mask = draw_mask(model, batch, tgm_strength, gen).to(device)
+        losses.append(float(model(batch["input"].to(device), mask=mask, target=batch["target"].to(device)).loss))
+    model.train()
+    return sum(losses) / max(len(losses), 1)
+
 def site_train(site_id: str, cfg: Config | Mapping[str, Any], *, round_idx: int, global_uri: str,
                global_sha256: str | None, update_run_id: str, run_key: str = "default", root: str | Path | None = None,
                work_dir: str | Path | None = None, progress: bool = False) -> dict[str, Any]:
@@ -132,14 +148,17 @@ def site_train(site_id: str, cfg: Config | Mapping[str, Any], *, round_idx: int,
         except CheckpointError:
             opt_state = None  # first round at this site, or a fresh site: start AdamW anew
     prox_mu = float(fed.strategy_params.get("mu", 0.0)) if fed.strategy == "fedprox" else 0.0
+    tgm_strength = cfg.ultramim.tgm.strength if cfg.ultramim.tgm.enabled else None
+    device = select_device(pre.device)
+    # q-FedAvg weighs sites by the GLOBAL model's loss on their data, before local training
+    loss_before = _global_loss(model, loader, tgm_strength, device, seed) if fed.strategy == "qfedavg" else None
     res = train_local(
         model, loader, epochs=fed.local_epochs, peak_lr=scaled_lr(pre.base_lr, pre.batch_size),
         weight_decay=pre.weight_decay, betas=tuple(pre.betas),
         warmup_steps=per_round * min(pre.warmup_epochs, fed.rounds), total_steps=per_round * fed.rounds,
         step_offset=per_round * round_idx, optimizer_state=opt_state,
-        tgm_strength=cfg.ultramim.tgm.strength if cfg.ultramim.tgm.enabled else None,
-        prox_mu=prox_mu, global_state=global_state if prox_mu > 0 else None,
-        device=select_device(pre.device), seed=seed,
+        tgm_strength=tgm_strength, prox_mu=prox_mu, global_state=global_state if prox_mu > 0 else None,
+        device=device, seed=seed,
         progress=f"site {site_id} round {round_idx}" if progress else False,
     )
     if fed.keep_optimizer_state and res.optimizer_state is not None:
@@ -147,7 +166,10 @@ def site_train(site_id: str, cfg: Config | Mapping[str, Any], *, round_idx: int,
     uri = put_state(res.state, update_run_id, f"update-round-{round_idx:04d}", meta={"site": site_id, "round": round_idx})
     from ultrafed.tracking.store import state_sha256
 
-    return {"site": site_id, "n_images": len(ds), "metrics": {k: float(v) for k, v in res.metrics.items()},
+    metrics = {k: float(v) for k, v in res.metrics.items()}
+    if loss_before is not None:
+        metrics["loss_before"] = loss_before
+    return {"site": site_id, "n_images": len(ds), "metrics": metrics,
             "update_uri": uri, "update_sha256": state_sha256(res.state), "problems": list(getattr(ds, "problems", []))}
 
 
