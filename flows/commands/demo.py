@@ -23,8 +23,7 @@ def run(args: argparse.Namespace) -> int:
     from ultrafed.config import REPO_ROOT
     from ultrafed.tracking.runs import configure_tracking
 
-    cfg = load_cfg(argparse.Namespace(params=args.params, set=args.set, preset=None, strategy=None,
-                                      tracking_uri=args.tracking_uri))
+    cfg = load_cfg(args)
     configure_tracking(args.tracking_uri)
     mode, sites = resolve_sites(args, cfg)
     if args.data:

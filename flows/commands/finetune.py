@@ -30,8 +30,7 @@ def run(args: argparse.Namespace) -> int:
     from ultrafed.data.sites import find_shared_data
     from ultrafed.tracking.runs import configure_tracking
 
-    cfg = load_cfg(argparse.Namespace(params=args.params, set=args.set, preset=None, strategy=None,
-                                      tracking_uri=args.tracking_uri))
+    cfg = load_cfg(args)
     configure_tracking(args.tracking_uri)
     root = args.data
     if root is None:
