@@ -8,7 +8,6 @@ uninterrupted run.
 from __future__ import annotations
 
 import os
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
