@@ -180,3 +180,25 @@ def test_bad_sizes_rejected():
         build_encoder("tiny", 70, 16)
     with pytest.raises(ValueError, match="unknown encoder preset"):
         build_encoder("huge")
+
+
+def test_mae_and_heads_run_under_bf16_autocast():
+    """The CUDA path trains under bf16 autocast; CPU autocast reaches the same dtype mixing
+    (a float32 mask token scattered with bf16 decoder tokens failed on the first GPU run)."""
+    import torch
+
+    from ultrafed.models.heads import ClassificationModel, SegmentationModel
+    from ultrafed.models.mae import build_encoder, build_mae
+
+    mae = build_mae("tiny", 32, 16, 1, 32, 1, 2, seed=0)
+    x = torch.rand(2, 1, 32, 32)
+    mask = mae.random_mask(2, torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = mae(x, mask=mask, target=x)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and mae.mask_token.grad is not None
+    for model in (ClassificationModel(build_encoder("tiny", 32), 3), SegmentationModel(build_encoder("tiny", 32), num_classes=1)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = model(x)
+        y.float().sum().backward()
+        assert y.shape[0] == 2 and torch.isfinite(y.float()).all()

@@ -175,6 +175,33 @@ def site_train(site_id: str, cfg: Config | Mapping[str, Any], *, round_idx: int,
 
 # -- validate ------------------------------------------------------------------------------
 @torch.no_grad()
+def global_val_loss(model, records: list, cfg: Config, site_id: str, device: torch.device | str = "cpu") -> tuple[float, int]:
+    """Masked-reconstruction loss of ``model`` on whole val frames (fixed uniform masks, no MIC).
+
+    The same masks and no corruption for every variant, so the number compares variants and
+    rounds; returns ``(mean loss, images)``.
+    """
+    import cv2
+    import numpy as np
+
+    from ultrafed.data.datasets import UltraMIMDataset
+
+    model.to(device).eval()
+    ds = UltraMIMDataset(records, img_size=cfg.model.img_size, patch_size=cfg.model.patch_size, smat=False, mic=None)
+    size = cfg.model.img_size
+    gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "val-mask", 0, site_id))
+    total, n = 0.0, 0
+    for start in range(0, len(ds), 32):  # whole frames, no augmentation: comparable across rounds
+        frames = [cv2.resize(ds.gray(i), (size, size), interpolation=cv2.INTER_AREA) for i in range(start, min(start + 32, len(ds)))]
+        x = torch.from_numpy(np.stack(frames)[:, None].astype(np.float32) / 255.0).to(device)
+        mask = model.random_mask(x.shape[0], gen).to(device)
+        out = model(x, mask=mask)
+        total += float(out.loss) * x.shape[0]
+        n += x.shape[0]
+    return total / max(n, 1), n
+
+
+@torch.no_grad()
 def site_validate(site_id: str, cfg: Config | Mapping[str, Any], *, global_uri: str, global_sha256: str | None = None,
                   root: str | Path | None = None, work_dir: str | Path | None = None, max_images: int = 256,
                   picture_run_id: str | None = None, round_idx: int = 0) -> dict[str, Any]:
@@ -186,7 +213,6 @@ def site_validate(site_id: str, cfg: Config | Mapping[str, Any], *, global_uri: 
     import cv2
     import numpy as np
 
-    from ultrafed.data.datasets import UltraMIMDataset
     from ultrafed.data.sites import load_site
     from ultrafed.engine.device import select_device
     from ultrafed.models.mae import mae_from_config
@@ -200,21 +226,13 @@ def site_validate(site_id: str, cfg: Config | Mapping[str, Any], *, global_uri: 
     device = select_device(cfg.pretrain.device)
     model = mae_from_config(cfg.model).to(device).eval()
     model.load_state_dict(get_state(global_uri, expected_sha256=global_sha256))
-    ds = UltraMIMDataset(recs, img_size=cfg.model.img_size, patch_size=cfg.model.patch_size, smat=False, mic=None)
-    size = cfg.model.img_size
-    gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "val-mask", 0, site_id))
-    total, n = 0.0, 0
-    for start in range(0, len(ds), 32):  # whole frames, no augmentation: comparable across rounds
-        frames = [cv2.resize(ds.gray(i), (size, size), interpolation=cv2.INTER_AREA) for i in range(start, min(start + 32, len(ds)))]
-        x = torch.from_numpy(np.stack(frames)[:, None].astype(np.float32) / 255.0).to(device)
-        mask = model.random_mask(x.shape[0], gen).to(device)
-        out = model(x, mask=mask)
-        total += float(out.loss) * x.shape[0]
-        n += x.shape[0]
-    loss = total / max(n, 1)
+    loss, n = global_val_loss(model, recs, cfg, site_id, device)
     if picture_run_id:
+        from ultrafed.data.datasets import UltraMIMDataset
         from ultrafed.tracking.pictures import log_reconstructions
 
+        size = cfg.model.img_size
+        ds = UltraMIMDataset(recs, img_size=size, patch_size=cfg.model.patch_size, smat=False, mic=None)
         first = [cv2.resize(ds.gray(i), (size, size), interpolation=cv2.INTER_AREA) for i in range(min(4, len(ds)))]
         imgs = torch.from_numpy(np.stack(first)[:, None].astype(np.float32) / 255.0).to(device)
         log_reconstructions(picture_run_id, model, imgs, site=site_id, round_idx=round_idx,

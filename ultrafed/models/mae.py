@@ -152,7 +152,7 @@ class MaskedAutoencoderViT(nn.Module):
         """Encoded visible tokens ``[N, 1+K, D]`` -> predictions for all patches ``[N, L, p*p*C]``."""
         x = self.decoder_embed(latent)
         n, L = x.shape[0], self.encoder.num_patches
-        full = self.mask_token.expand(n, L, -1).clone()
+        full = self.mask_token.to(x.dtype).expand(n, L, -1).clone()  # bf16 under autocast, like x
         full.scatter_(1, keep_idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]), x[:, 1:])
         x = torch.cat([x[:, :1], full], dim=1) + self.decoder_pos_embed
         for blk in self.decoder_blocks:
