@@ -207,7 +207,7 @@ def pretrain(cfg, data: Path, mode: str, rounds: int, local_epochs: int, workers
               flush=True)
     metrics = {"rounds": float(rounds), "train_loss": curve[-1]["train_loss"],
                "global_val_loss": curve[-1]["global_val_loss"], "img_per_s": images / max(seconds, 1e-9),
-               "train_images_per_round": float(sum(len(ds) for ds, _ in sites.values()))}
+               "train_images_per_round": float(sum(len(ds) for ds, _ in sites.values()) * local_epochs)}
     sites.clear()  # stops the persistent loader workers before fine-tuning starts its own
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -219,6 +219,12 @@ def _scores(res) -> dict[str, float]:
     out.update({f"test_{k}": float(v) for k, v in (res.test or {}).items()})
     out["best_epoch"] = float(res.best_epoch)
     return out
+
+
+def local_epochs(base: int, *, smat: bool, equal_steps: bool) -> int:
+    """SMAT adds each file's converted copy to the epoch (as the official code does), so a variant
+    without it takes half the optimizer steps per epoch; with ``equal_steps`` it gets twice the epochs."""
+    return base * (2 if equal_steps and not smat else 1)
 
 
 def run_job(job: dict[str, Any]) -> str:
@@ -278,16 +284,14 @@ def run_job(job: dict[str, Any]) -> str:
     cfg = load_config(None, {**base, **over})
     encoder = None
     if mode is not None:
-        def _pre():
-            enc, metrics, curve = pretrain(cfg, data, mode, preset["rounds"], preset["local_epochs"],
-                                           int(job["workers"]), preset.get("max_images"), device)
-            params = {k: v for k, v in base.items()} | over | {"rounds": preset["rounds"],
-                                                               "local_epochs": preset["local_epochs"], "mode": mode}
-            return enc, metrics, curve, params
+        epochs = local_epochs(preset["local_epochs"], smat=cfg.ultramim.smat.enabled,
+                              equal_steps=bool(job.get("equal_steps")))
 
         def _pre_result():
-            enc, metrics, curve, params = _pre()
+            enc, metrics, curve = pretrain(cfg, data, mode, preset["rounds"], epochs, int(job["workers"]),
+                                           preset.get("max_images"), device)
             holder["encoder"] = enc
+            params = dict(base) | over | {"rounds": preset["rounds"], "local_epochs": epochs, "mode": mode}
             return metrics, params, curve
 
         holder: dict[str, Any] = {}
@@ -337,8 +341,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     print(f"gpu_protocol: {len(jobs)} jobs, {n_par} at a time, {workers} loader workers and {threads} threads each, "
           f"on {device_name} ({cores} cores), budget {args.budget_s:.0f} s -> {out}", flush=True)
     base = {"out": str(out), "data": str(data), "preset": args.preset, "deadline": deadline, "device_name": device_name,
-            "argv": ["python", "bench/gpu_protocol.py", "run", "--preset", args.preset, "--data", args.data],
-            "threads": threads, "workers": workers,
+            "argv": ["python", "bench/gpu_protocol.py", "run", "--preset", args.preset, "--data", args.data,
+                     *(["--equal-steps"] if args.equal_steps else [])],
+            "threads": threads, "workers": workers, "equal_steps": args.equal_steps,
             "finetune_estimate_s": args.finetune_estimate_s, "pretrain_estimate_s": args.pretrain_estimate_s}
     pending = list(jobs)
     running = {}
@@ -393,6 +398,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--budget-s", type=float, default=420.0, help="no step starts after this; jobs stop at it + grace")
     r.add_argument("--grace-s", type=float, default=20.0)
     r.add_argument("--workers", type=int, default=None, help="loader workers per job (default: the preset's)")
+    r.add_argument("--equal-steps", action="store_true",
+                   help="variants without SMAT train 2x the local epochs, so every variant takes the same optimizer "
+                        "steps per round (the issue's 'same compute budget'); off in the recorded runs")
     r.add_argument("--pretrain-estimate-s", type=float, default=60.0)
     r.add_argument("--finetune-estimate-s", type=float, default=20.0)
     a = ap.parse_args(argv)

@@ -104,3 +104,9 @@ def test_smoke_protocol_runs_and_imports_into_the_report(shared_data, tmp_path):
     md = (tmp_path / "R.md").read_text()
     assert "## Protocol smoke" in md and f"{cls['metrics']['test_auroc']:.3f}" in md
     assert "scratch / busi-cls (seed 0): skipped" in md
+
+
+def test_equal_steps_doubles_the_epochs_of_variants_without_smat_only():
+    assert gpu_protocol.local_epochs(1, smat=False, equal_steps=True) == 2
+    assert gpu_protocol.local_epochs(3, smat=True, equal_steps=True) == 3
+    assert gpu_protocol.local_epochs(1, smat=False, equal_steps=False) == 1

@@ -298,7 +298,8 @@ def compute_note(results: Sequence[Result]) -> str | None:
     return (f"Not equal compute: every variant ran the same rounds and local epochs, but SMAT adds each file's "
             f"converted copy to the epoch, so {', '.join(big)} took {hi / lo:.2f}x the optimizer steps per round of "
             f"{', '.join(small)} ({int(hi)} vs {int(lo)} images). Differences between those groups mix the "
-            "method with the extra steps; compare variants within a group for the method alone.")
+            "method with the extra steps; compare variants within a group for the method alone "
+            "(`bench/gpu_protocol.py run --equal-steps` gives the variants without SMAT twice the local epochs).")
 
 
 def anchors_table(tasks: Sequence[str] | None = None) -> str:
