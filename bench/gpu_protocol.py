@@ -30,6 +30,7 @@ import csv
 import json
 import os
 import shlex
+import signal
 import sys
 import time
 import traceback
@@ -348,6 +349,13 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     pending = list(jobs)
     running = {}
     with ProcessPoolExecutor(max_workers=n_par, mp_context=get_context("spawn")) as pool:
+        def _stop(signum: int, _frame: Any) -> None:  # `timeout` or Ctrl-C: take the jobs down too, not only us
+            for proc in list(pool._processes.values()):  # noqa: SLF001
+                proc.kill()
+            raise SystemExit(128 + signum)
+
+        signal.signal(signal.SIGTERM, _stop)
+        signal.signal(signal.SIGINT, _stop)
         while pending or running:
             while pending and len(running) < n_par and time.time() < deadline:
                 name, seed = pending.pop(0)

@@ -110,3 +110,42 @@ def test_equal_steps_doubles_the_epochs_of_variants_without_smat_only():
     assert gpu_protocol.local_epochs(1, smat=False, equal_steps=True) == 2
     assert gpu_protocol.local_epochs(3, smat=True, equal_steps=True) == 3
     assert gpu_protocol.local_epochs(1, smat=False, equal_steps=False) == 1
+
+
+def test_sigterm_takes_the_job_processes_down(shared_data, tmp_path):
+    """`timeout` sends SIGTERM to the runner only; its spawned job processes must not live on."""
+    import os
+    import signal
+    import time
+
+    kids: list[int] = []
+    proc = subprocess.Popen([sys.executable, str(REPO / "bench" / "gpu_protocol.py"), "run", "--preset", "smoke",
+                             "--data", str(shared_data), "--out", str(tmp_path), "--seeds", "0", "--only", "scratch",
+                             "--jobs", "1", "--finetune-estimate-s", "1"], cwd=REPO, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not kids:  # wait for the spawned job process
+            time.sleep(1)
+            out = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+            kids = [int(k) for k in out]
+        assert kids, "no job process was started"
+        time.sleep(3)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) != 0
+        time.sleep(2)
+        alive = []
+        for k in kids:
+            try:
+                os.kill(k, 0)
+                alive.append(k)
+            except ProcessLookupError:
+                pass
+        assert not alive, f"job processes {alive} outlived the runner"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        for k in kids:  # never leave a job behind, even when the assertion failed
+            try:
+                os.kill(k, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
