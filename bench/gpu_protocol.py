@@ -163,7 +163,7 @@ def pretrain(cfg, data: Path, mode: str, rounds: int, local_epochs: int, workers
 
     from ultrafed.data.datasets import dataset_from_config, make_loader
     from ultrafed.engine.pretrain import scaled_lr, train_local
-    from ultrafed.federated.client import PRETRAIN_SPLITS, global_val_loss, steps_per_epoch
+    from ultrafed.federated.client import PRETRAIN_SPLITS, global_val_loss, round_lr_schedule, steps_per_epoch
     from ultrafed.federated.seeds import derive_seed
     from ultrafed.federated.strategies import fedavg
     from ultrafed.models.mae import mae_from_config
@@ -173,6 +173,7 @@ def pretrain(cfg, data: Path, mode: str, rounds: int, local_epochs: int, workers
     if mode == "central":  # one site holding every train image: the upper bound federated learning chases
         train = {"central": [r for name in SITES for r in train[name]]}
     pre = cfg.pretrain
+    sched = cfg.replace(**{"federated.rounds": rounds})  # the site's one LR schedule spans this run's rounds
     sites = {}
     for sid, recs in train.items():
         ds = dataset_from_config(recs, cfg, derive_seed(cfg.seed, "train", 0, sid))
@@ -190,9 +191,9 @@ def pretrain(cfg, data: Path, mode: str, rounds: int, local_epochs: int, workers
             model.load_state_dict(global_state)
             res = train_local(model, loader, epochs=local_epochs, peak_lr=scaled_lr(pre.base_lr, pre.batch_size),
                               weight_decay=pre.weight_decay, betas=tuple(pre.betas),
-                              warmup_steps=per_round * min(pre.warmup_epochs, rounds), total_steps=per_round * rounds,
-                              step_offset=per_round * r, optimizer_state=opt_states.get(sid), tgm_strength=tgm,
-                              device=device, seed=derive_seed(cfg.seed, "train", r, sid), min_lr=pre.min_lr)
+                              **round_lr_schedule(sched, per_round, r), optimizer_state=opt_states.get(sid),
+                              tgm_strength=tgm, device=device, seed=derive_seed(cfg.seed, "train", r, sid),
+                              min_lr=pre.min_lr)
             opt_states[sid] = res.optimizer_state
             updates.append((res.state, len(ds)))
             losses.append((res.metrics["loss"], len(ds)))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from flows.settings import REPO_ROOT
+from ultrafed.procs import group_exists, stop_group
 
 BIN = Path(sys.executable).parent
 
@@ -57,38 +57,6 @@ def start_process(name: str, cmd: list[str], env: dict[str, str]) -> subprocess.
                             env=env, cwd=REPO_ROOT, start_new_session=True)
     (d / f"{name}.pid").write_text(str(proc.pid))
     return proc
-
-
-def stop_pid(pid: int, *, interrupts: int = 1, timeout_s: float = 20.0) -> bool:
-    """Stop the process group led by ``pid``: SIGINT (``interrupts`` times), then SIGTERM, then SIGKILL."""
-    def alive() -> bool:
-        try:
-            os.killpg(pid, 0)
-            return True
-        except (ProcessLookupError, PermissionError):
-            return False
-
-    if not alive():
-        return False
-    for sig in [signal.SIGINT] * interrupts + [signal.SIGTERM]:
-        try:
-            os.killpg(pid, sig)
-        except ProcessLookupError:
-            return True
-        t0 = time.monotonic()
-        while alive() and time.monotonic() - t0 < timeout_s / (interrupts + 1):
-            time.sleep(0.2)
-            try:
-                os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                pass
-        if not alive():
-            return True
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    return True
 
 
 def base_env() -> dict[str, str]:
@@ -168,22 +136,23 @@ def status() -> dict[str, Any]:
     info = json.loads(f.read_text())
     running = {}
     for name, pid in info["pids"].items():
-        try:
-            os.killpg(pid, 0)
+        if group_exists(pid, eperm="gone"):
             running[name] = pid
-        except (ProcessLookupError, PermissionError):
-            pass
     return {"running": running, "info": info}
 
 
 def down() -> list[str]:
-    """Stop every process of the rehearsal by its PID (workers first: they need two SIGINTs)."""
+    """Stop every process of the rehearsal by its PID (workers first: they need two SIGINTs).
+
+    A bare PID file is our only record, so a group we may not signal is someone else's
+    (reused PID) and is left alone: ``eperm="gone"`` (see :mod:`ultrafed.procs`).
+    """
     st = status()
     if st["info"] is None:
         return []
     stopped = []
     for name, pid in sorted(st["info"]["pids"].items(), key=lambda kv: not kv[0].startswith("worker")):
-        if stop_pid(pid, interrupts=2 if name.startswith("worker") else 1):
+        if stop_group(pid, eperm="gone", interrupts=2 if name.startswith("worker") else 1):
             stopped.append(name)
     (state_dir() / "federation.json").unlink(missing_ok=True)
     return stopped

@@ -1,9 +1,10 @@
 """Federated UltraMIM pretraining: R rounds of :func:`flows.round.federated_round`, resumable.
 
 The coordinator checkpoints after every completed round (global weights, server-optimiser
-state, history); ``resume=True`` continues from the newest checkpoint and, because every
-random stream is derived from (seed, round, site), ends with the same weights as an
-uninterrupted run.
+state, history, LR horizon); ``resume=True`` continues from the newest checkpoint and, because
+every random stream is derived from (seed, round, site), ends with the same weights as an
+uninterrupted run. With ``federated.lr_horizon_rounds`` set, a run continued in chunks (a larger
+``rounds`` on resume, ``ultrafed schedule``) follows the same learning-rate schedule as well.
 """
 from __future__ import annotations
 
@@ -67,7 +68,7 @@ def federated_pretrain(cfg: dict, sites: list[dict], *, mode: str = "embedded", 
     import torch
 
     from ultrafed.config import from_dict
-    from ultrafed.federated.coordinator import CoordinatorState, load_latest, save_round
+    from ultrafed.federated.coordinator import CoordinatorState, load_latest, run_lr_horizon, save_round
     from ultrafed.models.mae import mae_from_config
     from ultrafed.tracking.runs import end_run, log_metrics, start_parent_run
     from ultrafed.tracking.store import put_state, state_sha256
@@ -79,15 +80,19 @@ def federated_pretrain(cfg: dict, sites: list[dict], *, mode: str = "embedded", 
     state = load_latest(run_dir) if resume else None
     if state is None and any(run_dir.glob("round-*.ckpt")):
         raise RuntimeError(f"{run_dir} already holds rounds; pass --resume or another --run-name")
+    horizon = run_lr_horizon(state, c.federated.lr_horizon_rounds, run_dir.name)  # a resume keeps the run's
+    c = c.replace(**{"federated.lr_horizon_rounds": horizon})
     if state is None:
         parent = start_parent_run(c.replace(**{"federated.rounds": rounds}), run_name=run_dir.name,
                                   tags={"ultrafed.mode": mode, "ultrafed.sites": ",".join(s["id"] for s in sites)})
         init = mae_from_config(c.model, seed=c.seed).state_dict()
-        state = CoordinatorState(round_idx=-1, global_state=init, parent_run_id=parent)
+        state = CoordinatorState(round_idx=-1, global_state=init, parent_run_id=parent, lr_horizon_rounds=horizon)
         print(f"federated pretraining: {len(sites)} site(s) [{', '.join(s['id'] for s in sites)}], {rounds} round(s), "
-              f"strategy {c.federated.strategy}, preset {c.model.preset} @ {c.model.img_size}px, mode {mode}; run dir {run_dir}")
+              f"strategy {c.federated.strategy}, preset {c.model.preset} @ {c.model.img_size}px, mode {mode}; run dir {run_dir}"
+              + (f"; LR schedule over {horizon} rounds" if horizon else ""))
     else:
-        print(f"resuming {run_dir.name} after round {state.round_idx} (version {state.registered_version})")
+        print(f"resuming {run_dir.name} after round {state.round_idx} (version {state.registered_version})"
+              + (f", LR schedule over {horizon} rounds" if horizon else ""))
     parent_run_id = state.parent_run_id
     global_uri = put_state(state.global_state, parent_run_id, f"global-start-{state.round_idx + 1:04d}")
     global_sha = state_sha256(state.global_state)
@@ -113,7 +118,7 @@ def federated_pretrain(cfg: dict, sites: list[dict], *, mode: str = "embedded", 
         state = CoordinatorState(round_idx=r, global_state=new_global, server_state=server_state,
                                  registered_version=rec["version"], history=state.history + [
                                      {k: rec[k] for k in ("round", "metrics", "excluded", "weights", "version", "model_uri")}],
-                                 parent_run_id=parent_run_id)
+                                 parent_run_id=parent_run_id, lr_horizon_rounds=horizon)
         save_round(run_dir, state)
         _glibc("malloc_trim")(0)  # hand the round's freed buffers back to the OS
         getattr(__import__("ctypes").CDLL(None), "malloc_trim", lambda _: 0)(0)  # glibc keeps freed arena pages in RSS

@@ -1,9 +1,11 @@
 """Unattended federated pretraining: a cron-scheduled deployment that adds rounds to one run.
 
 Every scheduled run resumes the same run folder (``<ULTRAFED_HOME>/runs/<run_name>``) from its
-newest round checkpoint and trains ``rounds_per_run`` more rounds. The checkpoint is written
-right after the round's global model is registered, so "continue from the latest registered
-global model" means: from the version recorded in the run's last checkpoint (``ultrafed
+newest round checkpoint and trains ``rounds_per_run`` more rounds, up to ``total_rounds``: the
+planned length of the run and its ``federated.lr_horizon_rounds``, so the chunks follow ONE
+warmup+cosine learning-rate schedule (a run with all its rounds trains no more). The checkpoint
+is written right after the round's global model is registered, so "continue from the latest
+registered global model" means: from the version recorded in the run's last checkpoint (``ultrafed
 models`` shows it as the newest version whose lineage names this run). The deployment has
 ``concurrency_limit=1`` (collision strategy ENQUEUE): a run that fires while the previous one
 still trains waits in ``AwaitingConcurrencySlot`` instead of training the same folder twice.
@@ -26,6 +28,7 @@ from prefect import flow, get_run_logger
 
 from flows.pretrain import run_pretrain, runs_home
 from flows.settings import REPO_ROOT
+from ultrafed.config import Config
 
 FLOW_NAME = "scheduled-pretrain"
 ENTRYPOINT = "flows/schedule.py:scheduled_pretrain"
@@ -45,10 +48,46 @@ def rounds_done(run_name: str) -> int:
     return 0 if st is None else st.round_idx + 1
 
 
+def planned_total(cfg: Config, total_rounds: int | None) -> int:
+    """The rounds a scheduled run spans: ``--total-rounds``, else ``federated.lr_horizon_rounds``
+    when set, else ``federated.rounds``. It becomes the run's LR horizon, so both must agree."""
+    if total_rounds is not None and total_rounds < 1:
+        raise ScheduleError(f"--total-rounds must be >= 1, got {total_rounds}")
+    horizon = cfg.federated.lr_horizon_rounds
+    total = total_rounds or horizon or cfg.federated.rounds
+    if horizon and horizon != total:
+        raise ScheduleError(f"--total-rounds {total} and federated.lr_horizon_rounds={horizon} disagree (the total is "
+                            f"the LR horizon of the scheduled run); give one of them")
+    return total
+
+
+def check_run_horizon(run_name: str, total: int) -> None:
+    """A run with rounds keeps the LR horizon it started with: refuse another total now, not at 2 am."""
+    from ultrafed.federated.coordinator import load_latest
+
+    st = load_latest(runs_home() / run_name)
+    if st is not None and st.lr_horizon_rounds != total:
+        was = "no fixed LR horizon (federated.lr_horizon_rounds 0)" if st.lr_horizon_rounds == 0 else \
+            f"an LR horizon of {st.lr_horizon_rounds} rounds"
+        raise ScheduleError(f"--total-rounds {total}: run {run_name} ({runs_home() / run_name}) was started with "
+                            f"{was}, which a resume keeps; use that total or another --name")
+
+
+def chunk_target(done: int, rounds_per_run: int, total_rounds: int | None) -> int:
+    """Rounds the run has after this scheduled run: ``rounds_per_run`` more, never past the planned total."""
+    target = done + rounds_per_run
+    return min(target, total_rounds) if total_rounds else target
+
+
 @flow(name=FLOW_NAME, flow_run_name="{run_name}+{rounds_per_run}")
 def scheduled_pretrain(sites_file: str | None, rounds_per_run: int, run_name: str, params_file: str | None = None,
-                       overrides: dict[str, Any] | None = None, tracking_uri: str | None = None) -> dict[str, Any]:
-    """Train ``rounds_per_run`` more rounds of run ``run_name`` (resuming its last checkpoint)."""
+                       overrides: dict[str, Any] | None = None, tracking_uri: str | None = None,
+                       total_rounds: int | None = None) -> dict[str, Any]:
+    """Train ``rounds_per_run`` more rounds of run ``run_name`` (resuming its last checkpoint).
+
+    ``total_rounds`` (None in deployments made before it existed: no cap, the config's horizon)
+    is the run's LR horizon and its last round.
+    """
     from flows.commands.pretrain import resolve_sites
     from ultrafed.config import load_config
     from ultrafed.federated.coordinator import load_latest
@@ -58,19 +97,27 @@ def scheduled_pretrain(sites_file: str | None, rounds_per_run: int, run_name: st
     log = get_run_logger()
     if rounds_per_run < 1:
         raise ValueError(f"rounds_per_run must be >= 1, got {rounds_per_run}")
-    cfg = load_config(params_file, overrides or {})
-    mode, sites = resolve_sites(argparse.Namespace(sites=sites_file, data=None), cfg)
-    configure_tracking(tracking_uri)
+    horizon = {"federated.lr_horizon_rounds": total_rounds} if total_rounds else {}
+    cfg = load_config(params_file, {**(overrides or {}), **horizon})
     st = load_latest(runs_home() / run_name)
     done = 0 if st is None else st.round_idx + 1
+    target = chunk_target(done, rounds_per_run, total_rounds)
+    if target <= done:
+        log.info(f"run {run_name}: all {total_rounds} planned round(s) done; nothing to train")
+        return {"run_name": run_name, "rounds_before": done, "rounds_after": done,
+                "model_uri": st.history[-1]["model_uri"], "version": st.registered_version,
+                "run_dir": str(runs_home() / run_name)}
+    mode, sites = resolve_sites(argparse.Namespace(sites=sites_file, data=None), cfg)
+    configure_tracking(tracking_uri)
     reg = latest_version(cfg.tracking.registered_model)
     if st is not None and reg is not None and reg.version != st.registered_version:
         # Another run registered versions of the same model, or this run crashed between
         # registering and checkpointing a round (that round is trained and registered again).
         log.warning(f"{cfg.tracking.registered_model}: registry at v{reg.version}, run {run_name} checkpointed "
                     f"v{st.registered_version}; continuing from the checkpoint (round {st.round_idx})")
-    log.info(f"run {run_name}: {done} round(s) done, training rounds {done + 1}..{done + rounds_per_run}")
-    out = run_pretrain(cfg.to_dict(), sites, mode=mode, rounds=done + rounds_per_run, resume=True, run_name=run_name)
+    log.info(f"run {run_name}: {done} round(s) done, training rounds {done + 1}..{target}"
+             + (f" of {total_rounds}" if total_rounds else ""))
+    out = run_pretrain(cfg.to_dict(), sites, mode=mode, rounds=target, resume=True, run_name=run_name)
     return {"run_name": run_name, "rounds_before": done, "rounds_after": len(out["history"]),
             "model_uri": out["model_uri"], "version": out["version"], "run_dir": out["run_dir"]}
 
@@ -121,29 +168,35 @@ def ensure_process_pool(pool: str) -> None:
 
 def deploy_schedule(*, cron: str, rounds_per_run: int, name: str, sites_file: str | None = None,
                     params_file: str | None = None, overrides: dict[str, Any] | None = None,
-                    pool: str = DEFAULT_POOL, timezone: str | None = None, tracking_uri: str | None = None) -> UUID:
+                    pool: str = DEFAULT_POOL, timezone: str | None = None, tracking_uri: str | None = None,
+                    total_rounds: int | None = None) -> UUID:
     """Create or update deployment ``scheduled-pretrain/<name>`` (cron, at most one run at a time).
 
     The run folder and MLflow store are pinned in the deployment's environment as resolved
-    here, so a worker started with other settings still continues the same run.
+    here, so a worker started with other settings still continues the same run; so is the
+    planned total (:func:`planned_total`), which every scheduled run uses as its LR horizon.
     """
     from prefect.schedules import Cron
 
+    from ultrafed.config import load_config
     from ultrafed.tracking.runs import resolve_tracking_uri
 
     if not RUN_NAME.match(name):
         raise ScheduleError(f"--name {name!r}: use letters, digits, '.', '_' or '-' (it names the run folder)")
     if rounds_per_run < 1:
         raise ScheduleError(f"--rounds-per-run must be >= 1, got {rounds_per_run}")
+    total = planned_total(load_config(params_file, overrides or {}), total_rounds)
+    check_run_horizon(name, total)
     validate_cron(cron, timezone)
     api_url()
     env = {"ULTRAFED_HOME": str(runs_home().parent), "MLFLOW_TRACKING_URI": resolve_tracking_uri(tracking_uri)}
     params = {"sites_file": str(Path(sites_file).resolve()) if sites_file else None, "rounds_per_run": rounds_per_run,
               "run_name": name, "params_file": str(Path(params_file).resolve()) if params_file else None,
-              "overrides": dict(overrides or {}), "tracking_uri": env["MLFLOW_TRACKING_URI"]}
+              "overrides": dict(overrides or {}), "tracking_uri": env["MLFLOW_TRACKING_URI"], "total_rounds": total}
     ensure_process_pool(pool)
     source = scheduled_pretrain.from_source(source=str(REPO_ROOT), entrypoint=ENTRYPOINT)
     return source.deploy(name=name, work_pool_name=pool, schedules=[Cron(cron, timezone=timezone or "UTC")],
                          concurrency_limit=1, parameters=params, job_variables={"env": env},
-                         description=f"{rounds_per_run} more federated round(s) of run {name} per scheduled run",
+                         description=f"{rounds_per_run} more federated round(s) of run {name} per scheduled run, "
+                                     f"up to {total} (one LR schedule over {total} rounds)",
                          build=False, push=False, print_next_steps=False, ignore_warnings=True)

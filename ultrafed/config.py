@@ -95,6 +95,7 @@ class PretrainConfig:
 class FederatedConfig:
     rounds: int = 3
     local_epochs: int = 1
+    lr_horizon_rounds: int = 0  # rounds the LR schedule spans; 0 = the rounds of the current call
     strategy: str = "fedavg"
     strategy_params: Mapping[str, Any] = field(default_factory=dict)
     min_sites: int = 2

@@ -12,7 +12,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--sites", help="sites.yaml (default: the synthetic cohort under params data.root)")
     src.add_argument("--data", help="real data folder with busi/ddti/hc18 (e.g. ../shared/data): three sites")
-    p.add_argument("--rounds", type=int, help="rounds (default: params federated.rounds)")
+    p.add_argument("--rounds", type=int,
+                   help="rounds (default: params federated.rounds); with --resume, the run's new total")
     p.add_argument("--preset", choices=["tiny", "small", "base"], help="encoder preset")
     p.add_argument("--strategy", help="aggregation strategy (fedavg, fedavg_uniform, fedprox, fedavgm, fedadam, median, trimmed_mean, qfedavg)")
     p.add_argument("--resume", action="store_true", help="continue the run (default: the latest) from its last completed round")
@@ -73,7 +74,7 @@ def load_cfg(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from flows.pretrain import run_pretrain
-    from ultrafed.federated.coordinator import RoundFailed
+    from ultrafed.federated.coordinator import HorizonError, RoundFailed
     from ultrafed.tracking.runs import configure_tracking
 
     cfg = load_cfg(args)
@@ -92,6 +93,9 @@ def run(args: argparse.Namespace) -> int:
         out = run_pretrain(cfg.to_dict(), sites, mode=mode, rounds=args.rounds, resume=args.resume, run_name=args.run_name)
     except RoundFailed as e:
         print(f"ultrafed pretrain: round failed: {e}", file=sys.stderr)
+        return 1
+    except HorizonError as e:
+        print(f"ultrafed pretrain: {e}", file=sys.stderr)
         return 1
     if args.metrics_out and out.get("model_uri"):
         import json

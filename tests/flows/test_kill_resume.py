@@ -1,5 +1,6 @@
 """The real crash: SIGKILL ``ultrafed pretrain`` after its second round, resume it, and get
-bit-identical global weights to a run that was never interrupted."""
+bit-identical global weights to a run that was never interrupted. A run continued in chunks
+keeps the LR horizon it started with, and so matches a run done in one call."""
 from __future__ import annotations
 
 import os
@@ -113,3 +114,45 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path: Path):
     assert a.global_state.keys() == b.global_state.keys()
     diverged = [k for k in a.global_state if not torch.equal(a.global_state[k], b.global_state[k])]
     assert not diverged, f"resumed run diverged from the uninterrupted one in {len(diverged)} tensor(s), e.g. {diverged[:3]}"
+
+
+def _weights_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.timeout(900)
+def test_chunks_keep_the_run_lr_horizon_and_match_one_call(tmp_path: Path, capsys):
+    """Rounds 0-1, then a resume to 3 rounds whose config has no horizon: the run's 4 is kept, so
+    the weights after round 2 equal those of one call to 3 rounds with the same horizon (without
+    it the resumed call would squeeze the cosine into 3 rounds). Another horizon on resume stops."""
+    from flows.cli import main
+    from flows.commands.pretrain import parse_overrides
+    from flows.pretrain import run_pretrain
+    from ultrafed.config import load_config
+    from ultrafed.federated.coordinator import load_latest
+    from ultrafed.federated.sitesfile import load_sites_file
+    from ultrafed.tracking.runs import configure_tracking
+
+    configure_tracking(os.environ["MLFLOW_TRACKING_URI"])
+
+    def cfg(horizon: int) -> dict:
+        return load_config(overrides={**parse_overrides(TINY), "federated.lr_horizon_rounds": horizon}).to_dict()
+
+    _, one_sites = load_sites_file(_sites(tmp_path / "a"))
+    chunk_yaml = _sites(tmp_path / "b")
+    _, chunk_sites = load_sites_file(chunk_yaml)
+    one = run_pretrain(cfg(4), one_sites, mode="embedded", rounds=3, resume=False, run_name="lr-one-call")
+    run_pretrain(cfg(4), chunk_sites, mode="embedded", rounds=2, resume=False, run_name="lr-chunked")
+    chunked = run_pretrain(cfg(0), chunk_sites, mode="embedded", rounds=3, resume=True, run_name="lr-chunked")
+    a, b = load_latest(Path(one["run_dir"])), load_latest(Path(chunked["run_dir"]))
+    assert a.round_idx == b.round_idx == 2 and a.lr_horizon_rounds == b.lr_horizon_rounds == 4
+    assert _weights_equal(a.global_state, b.global_state), "the chunked run left the one-call LR schedule"
+
+    capsys.readouterr()
+    rc = main(["pretrain", "--sites", str(chunk_yaml), "--run-name", "lr-chunked", "--resume", "--rounds", "4",
+               *(x for kv in [*TINY, "federated.lr_horizon_rounds=6"] for x in ("--set", kv))])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 1 and err == ("ultrafed pretrain: run lr-chunked: federated.lr_horizon_rounds=6 given, but the run "
+                               "was started with 4; resume keeps the run's horizon: drop the setting or start a new "
+                               "--run-name"), err
+    assert load_latest(Path(chunked["run_dir"])).round_idx == 2  # nothing trained

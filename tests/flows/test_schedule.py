@@ -36,6 +36,9 @@ def _cli_error(argv: list[str]) -> str:
     (["--cron", "0 2 * * *", "--rounds-per-run", "1", "--sites", "/nonexistent/sites.yaml"], None,
      "/nonexistent/sites.yaml: sites file not found"),
     (["--cron", "0 2 * * *", "--rounds-per-run", "1", "--set", "model.no_such_key=1"], None, "unknown key"),
+    (["--cron", "0 2 * * *", "--rounds-per-run", "1", "--total-rounds", "0"], None, "--total-rounds must be >= 1"),
+    (["--cron", "0 2 * * *", "--rounds-per-run", "1", "--total-rounds", "5", "--set", "federated.lr_horizon_rounds=4"],
+     None, "--total-rounds 5 and federated.lr_horizon_rounds=4 disagree"),
 ])
 def test_bad_input_is_one_line_before_deploying(monkeypatch, argv, env, expected):
     if env:
@@ -44,6 +47,58 @@ def test_bad_input_is_one_line_before_deploying(monkeypatch, argv, env, expected
         monkeypatch.delenv("PREFECT_API_URL", raising=False)
     msg = _cli_error(["schedule", *argv])
     assert msg.startswith("ultrafed schedule: ") and expected in msg, msg
+
+
+# -- one LR schedule over the planned total ------------------------------------------------------
+def test_total_rounds_defaults_to_the_horizon_then_the_rounds():
+    from flows.schedule import planned_total
+    from ultrafed.config import load_config
+
+    cfg = load_config(overrides={"federated.rounds": 4})
+    assert planned_total(cfg, None) == 4 and planned_total(cfg, 9) == 9
+    assert planned_total(cfg.replace(**{"federated.lr_horizon_rounds": 7}), None) == 7
+
+
+@pytest.mark.parametrize("done, per_run, total, target", [(0, 2, 5, 2), (4, 2, 5, 5), (5, 2, 5, 5), (3, 2, None, 5)])
+def test_a_scheduled_run_never_trains_past_the_total(done, per_run, total, target):
+    from flows.schedule import chunk_target
+
+    assert chunk_target(done, per_run, total) == target
+
+
+def _run_with_horizon(name: str, horizon: int) -> None:
+    import torch
+
+    from flows.pretrain import runs_home
+    from ultrafed.federated.coordinator import CoordinatorState, save_round
+
+    save_round(runs_home() / name, CoordinatorState(round_idx=0, global_state={"w": torch.ones(1)}, registered_version=1,
+                                                    history=[{"model_uri": "models:/m/1"}], lr_horizon_rounds=horizon))
+
+
+@pytest.mark.parametrize("name, recorded, expected", [
+    ("kept-6", 6, "run kept-6 ("), ("legacy-0", 0, "no fixed LR horizon (federated.lr_horizon_rounds 0)")])
+def test_another_total_for_an_existing_run_fails_before_deploying(monkeypatch, name, recorded, expected):
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    _run_with_horizon(name, recorded)
+    argv = ["schedule", "--cron", "0 2 * * *", "--rounds-per-run", "1", "--name", name, "--total-rounds"]
+    msg = _cli_error([*argv, "8"])
+    assert msg.startswith("ultrafed schedule: --total-rounds 8: ") and expected in msg and "another --name" in msg, msg
+    if recorded:  # the run's own total passes this check (and stops at the missing server)
+        msg = _cli_error([*argv, "6"])
+        assert "set PREFECT_API_URL" in msg, msg
+
+
+@pytest.mark.timeout(300)
+def test_a_run_with_all_its_rounds_trains_no_more(flow_home: Path):
+    from flows.schedule import scheduled_pretrain
+    from ultrafed.federated.coordinator import load_latest
+
+    _run_with_horizon("all-done", 1)
+    out = scheduled_pretrain(sites_file="/nonexistent/sites.yaml", rounds_per_run=2, run_name="all-done",
+                             total_rounds=1)  # no sites file: it must not get that far
+    assert out["rounds_before"] == out["rounds_after"] == 1 and out["model_uri"] == "models:/m/1"
+    assert load_latest(flow_home / "runs" / "all-done").round_idx == 0
 
 
 # -- the real thing: server, deployment, scheduler, one process worker -------------------------
@@ -70,6 +125,7 @@ def _poll(fn, timeout_s: float, what: str, every: float = 0.5):
 def test_schedule_deploys_cron_and_runs_never_overlap(flow_home: Path, tmp_path: Path, monkeypatch):
     from flows import federation as fed
     from ultrafed.data.synth import make_cohort
+    from ultrafed.procs import stop_group
 
     make_cohort(tmp_path / "cohort", sites=2, per_site=8, seed=5, size=64, progress=None)
     sites_yaml = tmp_path / "sites.yaml"
@@ -101,6 +157,7 @@ def test_schedule_deploys_cron_and_runs_never_overlap(flow_home: Path, tmp_path:
             assert [s.schedule.cron for s in dep.schedules] == [cron_a]
             assert dep.global_concurrency_limit is not None and dep.global_concurrency_limit.limit == 1
             assert dep.work_pool_name == "ultrafed-coordinator" and dep.parameters["rounds_per_run"] == 1
+            assert dep.parameters["total_rounds"] == 4  # params federated.rounds: the runs' one LR schedule
             assert dep.job_variables["env"]["ULTRAFED_HOME"] == str(flow_home)
 
             # `schedule` again with another cron updates the same deployment (no second schedule)
@@ -148,13 +205,13 @@ def test_schedule_deploys_cron_and_runs_never_overlap(flow_home: Path, tmp_path:
             assert all(r.state.is_scheduled() for r in runs() if r.auto_scheduled)  # cron runs untouched
     finally:
         if worker is not None:
-            fed.stop_pid(worker.pid, interrupts=2)
-        fed.stop_pid(server.pid)
+            stop_group(worker.pid, eperm="gone", interrupts=2)
+        stop_group(server.pid, eperm="gone", interrupts=1)
 
     # each run added one round to the SAME run: round 0 then round 1, one MLflow parent run
     from ultrafed.federated.coordinator import load_latest
 
     st = load_latest(flow_home / "runs" / name)
-    assert st is not None and st.round_idx == 1
+    assert st is not None and st.round_idx == 1 and st.lr_horizon_rounds == 4
     assert [h["round"] for h in st.history] == [0, 1]
     assert st.history[1]["version"] == st.history[0]["version"] + 1 == st.registered_version

@@ -116,13 +116,32 @@ def _global_loss(model, loader, tgm_strength: float | None, device, seed: int, m
     model.train()
     return sum(losses) / max(len(losses), 1)
 
+
+def round_lr_schedule(cfg: Config, per_round: int, round_idx: int) -> dict[str, int]:
+    """``warmup_steps``, ``total_steps`` and ``step_offset`` of round ``round_idx`` in the run's one LR schedule.
+
+    The warmup+cosine spans ``federated.lr_horizon_rounds`` rounds when > 0, whatever the rounds
+    of the current call, so a run continued in chunks follows one schedule; rounds past the
+    horizon stay at ``min_lr``. 0 spans ``federated.rounds`` (the target of the current call):
+    continuing a run with a larger target then stretches the cosine and the LR jumps back up.
+    """
+    fed = cfg.federated
+    if fed.lr_horizon_rounds < 0:
+        raise ValueError(f"params: federated.lr_horizon_rounds must be >= 0, got {fed.lr_horizon_rounds}")
+    horizon = fed.lr_horizon_rounds or fed.rounds
+    return {"warmup_steps": per_round * min(cfg.pretrain.warmup_epochs, horizon), "total_steps": per_round * horizon,
+            "step_offset": per_round * round_idx}
+
+
 def site_train(site_id: str, cfg: Config | Mapping[str, Any], *, round_idx: int, global_uri: str,
                global_sha256: str | None, update_run_id: str, run_key: str = "default", root: str | Path | None = None,
                work_dir: str | Path | None = None, progress: bool = False) -> dict[str, Any]:
     """Pull the global model, run ``local_epochs`` of UltraMIM, push the update; return a reference.
 
     ``run_key`` (the pretraining's parent run id) scopes the site's saved optimizer state, so
-    two pretrainings over the same site never read each other's AdamW moments.
+    two pretrainings over the same site never read each other's AdamW moments. The learning
+    rate follows :func:`round_lr_schedule`: one warmup+cosine over ``federated.lr_horizon_rounds``
+    rounds when > 0 (rounds beyond it stay at ``pretrain.min_lr``), else over ``federated.rounds``.
     """
     from ultrafed.data.datasets import dataset_from_config, make_loader
     from ultrafed.engine.device import select_device
@@ -155,8 +174,7 @@ def site_train(site_id: str, cfg: Config | Mapping[str, Any], *, round_idx: int,
     res = train_local(
         model, loader, epochs=fed.local_epochs, peak_lr=scaled_lr(pre.base_lr, pre.batch_size),
         weight_decay=pre.weight_decay, betas=tuple(pre.betas),
-        warmup_steps=per_round * min(pre.warmup_epochs, fed.rounds), total_steps=per_round * fed.rounds,
-        step_offset=per_round * round_idx, optimizer_state=opt_state,
+        min_lr=pre.min_lr, **round_lr_schedule(cfg, per_round, round_idx), optimizer_state=opt_state,
         tgm_strength=tgm_strength, prox_mu=prox_mu, global_state=global_state if prox_mu > 0 else None,
         device=device, seed=seed,
         progress=f"site {site_id} round {round_idx}" if progress else False,

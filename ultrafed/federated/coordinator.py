@@ -21,6 +21,10 @@ class RoundFailed(RuntimeError):
     """Fewer than ``min_sites`` usable updates: the round must not produce a model."""
 
 
+class HorizonError(ValueError):
+    """The LR horizon is negative, or a resume asks for another one than the run started with (one line)."""
+
+
 @dataclass
 class CoordinatorState:
     """Everything needed to continue after round ``round_idx`` (-1 = nothing done yet)."""
@@ -31,6 +35,7 @@ class CoordinatorState:
     registered_version: int | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
     parent_run_id: str | None = None
+    lr_horizon_rounds: int = 0  # the run's federated.lr_horizon_rounds, fixed when it started
 
 
 def checkpoint_path(run_dir: Path, round_idx: int) -> Path:
@@ -42,7 +47,8 @@ def save_round(run_dir: Path, st: CoordinatorState) -> Path:
     path = checkpoint_path(run_dir, st.round_idx)
     save_checkpoint(path, {"round_idx": st.round_idx, "global_state": st.global_state,
                            "server_state": st.server_state, "registered_version": st.registered_version,
-                           "history": st.history, "parent_run_id": st.parent_run_id})
+                           "history": st.history, "parent_run_id": st.parent_run_id,
+                           "lr_horizon_rounds": st.lr_horizon_rounds})
     return path
 
 
@@ -56,8 +62,29 @@ def load_latest(run_dir: Path) -> CoordinatorState | None:
             continue
         return CoordinatorState(round_idx=d["round_idx"], global_state=d["global_state"],
                                 server_state=d.get("server_state") or {}, registered_version=d.get("registered_version"),
-                                history=d.get("history") or [], parent_run_id=d.get("parent_run_id"))
+                                history=d.get("history") or [], parent_run_id=d.get("parent_run_id"),
+                                lr_horizon_rounds=int(d.get("lr_horizon_rounds") or 0))  # older checkpoints: 0
     return None
+
+
+def run_lr_horizon(state: CoordinatorState | None, requested: int, run_name: str) -> int:
+    """The run's LR horizon (``federated.lr_horizon_rounds``): this call's for a new run
+    (``state`` None), else the one recorded when the run started.
+
+    On resume ``requested`` 0 means "keep the run's"; any other value must equal it, since a new
+    horizon mid-run would bend the schedule the earlier rounds already followed.
+    """
+    if requested < 0:
+        raise HorizonError(f"run {run_name}: federated.lr_horizon_rounds must be >= 0 (0 = the rounds of each call), "
+                           f"got {requested}")
+    if state is None:
+        return requested
+    recorded = state.lr_horizon_rounds
+    if requested and requested != recorded:
+        was = f"{recorded} (the rounds of each call)" if recorded == 0 else str(recorded)
+        raise HorizonError(f"run {run_name}: federated.lr_horizon_rounds={requested} given, but the run was started "
+                              f"with {was}; resume keeps the run's horizon: drop the setting or start a new --run-name")
+    return recorded
 
 
 def require_quorum(accepted: Sequence[str], min_sites: int, excluded: Mapping[str, str]) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -18,6 +17,8 @@ import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from ultrafed import procs
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_ROOT = Path(os.environ.get("ULTRAFED_HOME", REPO_ROOT / ".ultrafed")) / "mlflow-server"
@@ -172,68 +173,21 @@ def stop_server(handle: ServerHandle | str | Path | None = None, timeout_s: floa
     """SIGTERM the server's process group, SIGKILL it after ``timeout_s``; remove the pid file.
 
     Accepts a handle or a root folder. Returns False if nothing of ours was running.
+    The group counts as ours once :func:`_alive` has checked the server's identity, so a group
+    we may not signal counts as still there (``eperm="present"``, see :mod:`ultrafed.procs`).
     """
     h = handle if isinstance(handle, ServerHandle) else read_handle(handle)
     if h is None:
         return False
     running = _alive(h)
     if running:
-        pgid = os.getpgid(h.pid)
-        if pgid != h.pid:  # start_new_session made the server its group leader; anything else is not ours
+        if os.getpgid(h.pid) != h.pid:  # start_new_session made the server its group leader; else not ours
             raise ServerError(f"pid {h.pid} is not the leader of its process group; refusing to signal it")
-        os.killpg(pgid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and _group_alive(pgid):
-            _reap(h.pid)
-            time.sleep(0.2)
-        if _group_alive(pgid):
-            os.killpg(pgid, signal.SIGKILL)
-        deadline = time.monotonic() + 5.0  # until the exits are collected (by us or by init)
-        while time.monotonic() < deadline and _group_exists(pgid):
-            _reap(h.pid)
-            time.sleep(0.1)
+        procs.stop_group(h.pid, eperm="present", timeout_s=timeout_s)
     h.pid_file.unlink(missing_ok=True)
     return running
 
 
-def _group_exists(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def group_running(pgid: int) -> bool:
     """Some member of process group ``pgid`` still runs (zombies awaiting reaping do not count)."""
-    return _group_alive(pgid)
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    import psutil  # members may all be zombies of ours awaiting reaping
-
-    return any(p.status() != psutil.STATUS_ZOMBIE for p in psutil.process_iter(["pid"])
-               if _safe_pgid(p.pid) == pgid)
-
-
-def _safe_pgid(pid: int) -> int | None:
-    try:
-        return os.getpgid(pid)
-    except OSError:
-        return None
-
-
-def _reap(pid: int) -> None:
-    """Collect our child's exit status so it does not linger as a zombie."""
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
+    return procs.group_running(pgid, eperm="present")
