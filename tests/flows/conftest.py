@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -12,6 +13,15 @@ os.environ["ULTRAFED_HOME"] = str(_HOME)
 os.environ["PREFECT_HOME"] = str(_HOME / "prefect")
 os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_HOME / 'mlflow.db'}"
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_flow_home():
+    """The flow tests write GBs (stores, artifacts, site work dirs): remove them at the end of the
+    session, so repeated runs do not fill the disk. ``ULTRAFED_KEEP_TEST_HOME=1`` keeps them to debug."""
+    yield
+    if os.environ.get("ULTRAFED_KEEP_TEST_HOME") != "1":
+        shutil.rmtree(_HOME, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
