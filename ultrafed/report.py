@@ -516,7 +516,9 @@ def _origin(results: Sequence[Result], tracking_uri: str) -> str:
     devices = sorted({r.device for r in results if r.device})
     if any(r.imported for r in results):
         return ("Imported by `bench/import_results.py` from the JSON lines that `bench/gpu_protocol.py` wrote on "
-                f"{', '.join(devices) or 'the lent machine'}; the commands below ran there.")
+                f"{', '.join(devices) or 'the lent machine'}; the commands below ran there, from the repository root "
+                "(a `--data .gpu/data` in them is the shared data fitted into 160 px by "
+                "`python bench/gpu_protocol.py shrink --data ../shared/data --out .gpu/data`, to travel to that machine).")
     return ("Run by `bench/run_protocol.py` (reduced CPU protocol); the commands below ran with "
             f"`MLFLOW_TRACKING_URI={tracking_uri}` (and `ULTRAFED_HOME` set to the folder of that store), "
             "as `bench/run_protocol.py` sets them.")
