@@ -26,7 +26,6 @@ budget are written as ``skipped``; a failing step is ``failed`` with its one-lin
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import shlex
