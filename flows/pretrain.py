@@ -120,8 +120,7 @@ def federated_pretrain(cfg: dict, sites: list[dict], *, mode: str = "embedded", 
                                      {k: rec[k] for k in ("round", "metrics", "excluded", "weights", "version", "model_uri")}],
                                  parent_run_id=parent_run_id, lr_horizon_rounds=horizon)
         save_round(run_dir, state)
-        _glibc("malloc_trim")(0)  # hand the round's freed buffers back to the OS
-        getattr(__import__("ctypes").CDLL(None), "malloc_trim", lambda _: 0)(0)  # glibc keeps freed arena pages in RSS
+        _glibc("malloc_trim")(0)  # hand the round's freed buffers back to the OS (glibc keeps freed arena pages in RSS)
         rss_mb = psutil.Process().memory_info().rss / 2**20
         log_metrics(parent_run_id, {"coordinator_rss_mb": rss_mb}, step=r)
         state.history[-1]["rss_mb"] = rss_mb
