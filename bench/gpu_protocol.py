@@ -40,6 +40,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+from run_protocol import split_metrics  # noqa: E402  (stdlib-only at import: fine on the GPU machine)
 
 TASKS = ("busi-cls", "busi-seg", "ddti-seg", "hc18-seg")
 SITES = ("busi", "ddti", "hc18")
@@ -216,10 +218,7 @@ def pretrain(cfg, data: Path, mode: str, rounds: int, local_epochs: int, workers
 
 
 def _scores(res) -> dict[str, float]:
-    out = {f"val_{k}": float(v) for k, v in res.val.items()}
-    out.update({f"test_{k}": float(v) for k, v in (res.test or {}).items()})
-    out["best_epoch"] = float(res.best_epoch)
-    return out
+    return {**split_metrics(res.val, res.test), "best_epoch": float(res.best_epoch)}
 
 
 def local_epochs(base: int, *, smat: bool, equal_steps: bool) -> int:

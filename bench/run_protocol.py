@@ -56,6 +56,13 @@ def _env() -> dict[str, str]:
     return env
 
 
+def split_metrics(val: dict[str, float], test: dict[str, float] | None) -> dict[str, float]:
+    """A model's val and test scores under the ``val_<m>`` / ``test_<m>`` names ``ultrafed report`` reads."""
+    out = {f"val_{k}": float(v) for k, v in val.items()}
+    out.update({f"test_{k}": float(v) for k, v in (test or {}).items()})
+    return out
+
+
 def centralized_folder(data: Path, out: Path) -> Path:
     """One site folder holding the train, val (and unlabeled) images of busi, ddti and hc18 as symlinks.
 
@@ -207,9 +214,8 @@ class Protocol:
                             extra_tags={"ultrafed.error": f"{type(e).__name__}: {e}"[:250]})
             return
         wall = time.perf_counter() - t0
-        metrics = {f"val_{k}": v for k, v in out["val"].items()}
-        metrics.update({f"test_{k}": v for k, v in (out["test"] or {}).items()})
-        self.log_result(variant=variant, task=task, status="ok", wall_s=wall, command=cmd, metrics=metrics,
+        self.log_result(variant=variant, task=task, status="ok", wall_s=wall, command=cmd,
+                        metrics=split_metrics(out["val"], out["test"]),
                         extra_tags={"ultrafed.encoder_uri": enc or "scratch", "ultrafed.finetune_run": out["run_id"],
                                     "ultrafed.model_uri": out["model_uri"] or ""},
                         params={"epochs": self.ft_epochs, **over})
@@ -234,9 +240,8 @@ class Protocol:
         t0 = time.perf_counter()
         res = baseline_from_config(task, self.data, kind, cfg, evaluate_test=True, progress=False)
         wall = time.perf_counter() - t0
-        metrics = {f"val_{k}": v for k, v in res.val.items()}
-        metrics.update({f"test_{k}": v for k, v in (res.test or {}).items()})
-        self.log_result(variant=variant, task=task, status="ok", wall_s=wall, command=cmd, metrics=metrics,
+        self.log_result(variant=variant, task=task, status="ok", wall_s=wall, command=cmd,
+                        metrics=split_metrics(res.val, res.test),
                         extra_tags={"ultrafed.preset": f"{kind}@{cfg.finetune.baseline_img_size}px"},
                         params={k: v for k, v in res.settings.items()})
         key = "auroc" if task.endswith("-cls") else "dice"
