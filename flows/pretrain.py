@@ -1,23 +1,26 @@
-"""Federated UltraMIM pretraining: R rounds of :func:`flows.round.federated_round`, resumable.
+"""Federated UltraMIM pretraining as a Prefect flow: the library's coordinator loop
+(:func:`ultrafed.federated.coordinator.pretrain_rounds`) with each round a
+:func:`flows.round.federated_round` flow run and MLflow tracking.
 
-The coordinator checkpoints after every completed round (global weights, server-optimiser
-state, history, LR horizon); ``resume=True`` continues from the newest checkpoint and, because
-every random stream is derived from (seed, round, site), ends with the same weights as an
-uninterrupted run. With ``federated.lr_horizon_rounds`` set, a run continued in chunks (a larger
-``rounds`` on resume, ``ultrafed schedule``) follows the same learning-rate schedule as well.
+The loop checkpoints after every completed round; ``resume=True`` continues from the newest
+checkpoint and ends with the same weights as an uninterrupted run. With
+``federated.lr_horizon_rounds`` set, a run continued in chunks (a larger ``rounds`` on resume,
+``ultrafed schedule``) follows the same learning-rate schedule as well.
 """
 from __future__ import annotations
 
 import os
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.round import federated_round
+from flows.round import federated_round, manifest_paths
 from flows.settings import REPO_ROOT
+from ultrafed.config import Config
+from ultrafed.federated.round import RoundInputs, RoundRecord
 
 
 def _glibc(name: str):
@@ -59,76 +62,95 @@ def _print_table(history: list[dict[str, Any]]) -> None:
               f"{h['version']:>7} {m['seconds']:>6.1f}")
 
 
+def _round_player(sites: list[dict], mode: str, run_dir: Path) -> Callable[[Config, RoundInputs], RoundRecord]:
+    """Play a round as a :func:`flows.round.federated_round` flow run (references in, references out)."""
+    import torch
+
+    from ultrafed.federated.round import ModelRef, RoundRecord
+    from ultrafed.tracking.lineage import Lineage
+    from ultrafed.tracking.store import get_state
+
+    def play(cfg: Config, inputs: RoundInputs) -> RoundRecord:
+        ss_path = None
+        if inputs.server_state:
+            ss_path = str(run_dir / f"server-state-{inputs.round_idx - 1:04d}.pt")
+            torch.save(dict(inputs.server_state), ss_path)
+        round_flow = federated_round.with_options(
+            task_runner=ThreadPoolTaskRunner(max_workers=max(1, cfg.federated.max_concurrency)))
+        out = round_flow(cfg.to_dict(), sites, mode=mode, round_idx=inputs.round_idx,
+                         global_uri=inputs.global_ref.uri, global_sha256=inputs.global_ref.sha256,
+                         server_state_path=ss_path, parent_version=inputs.parent_version,
+                         parent_run_id=inputs.run_key, run_dir=str(run_dir), code_commit=inputs.code_commit,
+                         params_hash=inputs.params_hash)
+        ref = ModelRef(out["global_uri"], out["global_sha256"])
+        server_state = torch.load(out["server_state_path"], weights_only=True) if out["server_state_path"] else {}
+        return RoundRecord(round_idx=out["round"], metrics=out["metrics"], excluded=out["excluded"],
+                           weights=out["weights"], global_state=get_state(ref.uri, expected_sha256=ref.sha256),
+                           global_ref=ref, server_state=server_state, version=out["version"],
+                           model_uri=out["model_uri"], lineage=Lineage.from_dict(out["lineage"]),
+                           phases=out["phases"])
+
+    return play
+
+
+def _after_round(rounds: int, parent_run_id: str) -> Callable[[RoundRecord, Any], None]:
+    import psutil
+
+    from ultrafed.tracking.runs import log_metrics
+    from ultrafed.tracking.store import retain
+
+    def after(rec: RoundRecord, state: Any) -> None:
+        retain({rec.global_ref.sha256})  # the next round needs only the new global model
+        _glibc("malloc_trim")(0)  # hand the round's freed buffers back to the OS (glibc keeps freed arena pages in RSS)
+        rss_mb = psutil.Process().memory_info().rss / 2**20
+        log_metrics(parent_run_id, {"coordinator_rss_mb": rss_mb}, step=rec.round_idx)
+        state.history[-1]["rss_mb"] = rss_mb
+        m = rec.metrics
+        excl = "; ".join(f"{s}: {w}" for s, w in rec.excluded.items()) or "none"
+        print(f"round {rec.round_idx + 1}/{rounds}: {int(m['sites_accepted'])} site(s) aggregated, train loss "
+              f"{m['train_loss']:.4f}, global val loss {m['global_val_loss']:.4f}, registered {rec.model_uri} "
+              f"({m['seconds']:.1f} s); excluded: {excl}", flush=True)
+
+    return after
+
+
 @flow(name="federated-pretrain")
 def federated_pretrain(cfg: dict, sites: list[dict], *, mode: str = "embedded", rounds: int | None = None,
                        resume: bool = False, run_name: str | None = None) -> dict[str, Any]:
     """Run (or resume) federated pretraining; returns the final model URI and the round history."""
     import mlflow
-    import psutil
-    import torch
 
     from ultrafed.config import from_dict
-    from ultrafed.federated.coordinator import CoordinatorState, load_latest, run_lr_horizon, save_round
-    from ultrafed.models.mae import mae_from_config
-    from ultrafed.tracking.runs import end_run, log_metrics, start_parent_run
-    from ultrafed.tracking.store import put_state, state_sha256
+    from ultrafed.federated.coordinator import RunHooks, load_latest, pretrain_rounds
+    from ultrafed.tracking.round_tracking import MlflowStateStore
+    from ultrafed.tracking.runs import code_commit, end_run, start_parent_run
 
     c = from_dict(cfg)
-    rounds = rounds or c.federated.rounds
+    rounds = rounds if rounds is not None else c.federated.rounds
     run_dir = resolve_run_dir(run_name, resume)
     run_dir.mkdir(parents=True, exist_ok=True)
-    state = load_latest(run_dir) if resume else None
-    if state is None and any(run_dir.glob("round-*.ckpt")):
-        raise RuntimeError(f"{run_dir} already holds rounds; pass --resume or another --run-name")
-    horizon = run_lr_horizon(state, c.federated.lr_horizon_rounds, run_dir.name)  # a resume keeps the run's
-    c = c.replace(**{"federated.lr_horizon_rounds": horizon})
-    if state is None:
-        parent = start_parent_run(c.replace(**{"federated.rounds": rounds}), run_name=run_dir.name,
-                                  tags={"ultrafed.mode": mode, "ultrafed.sites": ",".join(s["id"] for s in sites)})
-        init = mae_from_config(c.model, seed=c.seed).state_dict()
-        state = CoordinatorState(round_idx=-1, global_state=init, parent_run_id=parent, lr_horizon_rounds=horizon)
+    previous = load_latest(run_dir) if resume else None
+    if previous is None:
         print(f"federated pretraining: {len(sites)} site(s) [{', '.join(s['id'] for s in sites)}], {rounds} round(s), "
-              f"strategy {c.federated.strategy}, preset {c.model.preset} @ {c.model.img_size}px, mode {mode}; run dir {run_dir}"
-              + (f"; LR schedule over {horizon} rounds" if horizon else ""))
+              f"strategy {c.federated.strategy}, preset {c.model.preset} @ {c.model.img_size}px, mode {mode}; "
+              f"run dir {run_dir}" + (f"; LR schedule over {c.federated.lr_horizon_rounds} rounds"
+                                      if c.federated.lr_horizon_rounds else ""))
     else:
-        print(f"resuming {run_dir.name} after round {state.round_idx} (version {state.registered_version})"
-              + (f", LR schedule over {horizon} rounds" if horizon else ""))
+        print(f"resuming {run_dir.name} after round {previous.round_idx} (version {previous.registered_version})"
+              + (f", LR schedule over {previous.lr_horizon_rounds} rounds" if previous.lr_horizon_rounds else ""))
+    parent: list[str] = [previous.parent_run_id] if previous and previous.parent_run_id else []
+
+    def start_run(round_cfg: Config) -> str:
+        parent.append(start_parent_run(round_cfg, run_name=run_dir.name,
+                                       tags={"ultrafed.mode": mode, "ultrafed.sites": ",".join(s["id"] for s in sites)}))
+        return parent[-1]
+
+    player = _round_player(sites, mode, run_dir)
+    hooks = RunHooks(store=MlflowStateStore(), start_run=start_run, play_round=player,
+                     after_round=lambda rec, st: _after_round(rounds, st.parent_run_id)(rec, st))
+    state = pretrain_rounds(c, run_dir=run_dir, rounds=rounds, resume=resume, hooks=hooks, code_commit=code_commit(),
+                            mode=mode, manifest_paths=manifest_paths(sites, mode))
     parent_run_id = state.parent_run_id
-    global_uri = put_state(state.global_state, parent_run_id, f"global-start-{state.round_idx + 1:04d}")
-    global_sha = state_sha256(state.global_state)
-    server_state_path = None
-    if state.server_state:
-        server_state_path = str(run_dir / f"server-state-{state.round_idx:04d}.pt")
-        torch.save(state.server_state, server_state_path)
-    from ultrafed.tracking.runs import code_commit
-
-    commit, phash = code_commit(), c.params_hash()
-    c_dict = c.to_dict()
-    c_dict["federated"]["rounds"] = rounds
-    round_flow = federated_round.with_options(task_runner=ThreadPoolTaskRunner(max_workers=max(1, c.federated.max_concurrency)))
-    for r in range(state.round_idx + 1, rounds):
-        rec = round_flow(c_dict, sites, mode=mode, round_idx=r, global_uri=global_uri, global_sha256=global_sha,
-                              server_state_path=server_state_path, parent_version=state.registered_version,
-                              parent_run_id=parent_run_id, run_dir=str(run_dir),
-                              code_commit=commit, params_hash=phash)
-        from ultrafed.tracking.store import get_state
-
-        new_global = get_state(rec["global_uri"], expected_sha256=rec["global_sha256"])
-        server_state = torch.load(rec["server_state_path"], weights_only=True) if rec["server_state_path"] else {}
-        state = CoordinatorState(round_idx=r, global_state=new_global, server_state=server_state,
-                                 registered_version=rec["version"], history=state.history + [
-                                     {k: rec[k] for k in ("round", "metrics", "excluded", "weights", "version", "model_uri")}],
-                                 parent_run_id=parent_run_id, lr_horizon_rounds=horizon)
-        save_round(run_dir, state)
-        _glibc("malloc_trim")(0)  # hand the round's freed buffers back to the OS (glibc keeps freed arena pages in RSS)
-        rss_mb = psutil.Process().memory_info().rss / 2**20
-        log_metrics(parent_run_id, {"coordinator_rss_mb": rss_mb}, step=r)
-        state.history[-1]["rss_mb"] = rss_mb
-        global_uri, global_sha, server_state_path = rec["global_uri"], rec["global_sha256"], rec["server_state_path"]
-        m = rec["metrics"]
-        excl = "; ".join(f"{s}: {w}" for s, w in rec["excluded"].items()) or "none"
-        print(f"round {r + 1}/{rounds}: {int(m['sites_accepted'])} site(s) aggregated, train loss {m['train_loss']:.4f}, "
-              f"global val loss {m['global_val_loss']:.4f}, registered {rec['model_uri']} ({m['seconds']:.1f} s); excluded: {excl}")
     if state.history:
         from ultrafed.tracking.pictures import log_loss_curves
 
@@ -138,7 +160,7 @@ def federated_pretrain(cfg: dict, sites: list[dict], *, mode: str = "embedded", 
     final = state.history[-1]["model_uri"] if state.history else None
     print(f"\nfinal global encoder: {final}; MLflow: {mlflow.get_tracking_uri()} (parent run {parent_run_id})")
     return {"model_uri": final, "version": state.registered_version, "history": state.history,
-            "run_dir": str(run_dir), "parent_run_id": parent_run_id, "global_uri": global_uri}
+            "run_dir": str(run_dir), "parent_run_id": parent_run_id}
 
 
 def run_pretrain(cfg: dict, sites: list[dict], *, mode: str, rounds: int | None, resume: bool,

@@ -11,7 +11,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 
@@ -22,6 +22,16 @@ from ultrafed.federated.seeds import derive_seed
 SITE_ROOT_ENV = "ULTRAFED_SITE_ROOT"
 SITE_WORKDIR_ENV = "ULTRAFED_SITE_WORKDIR"
 PRETRAIN_SPLITS = ("train", "unlabeled")  # never val/test: those are for choosing and reporting
+
+if TYPE_CHECKING:
+    from ultrafed.federated.round import StateStore
+
+
+def default_store() -> "StateStore":
+    """Weights through MLflow artifacts: what both modes use between processes."""
+    from ultrafed.tracking.round_tracking import MlflowStateStore
+
+    return MlflowStateStore()
 
 
 class SiteError(RuntimeError):
@@ -134,29 +144,32 @@ def round_lr_schedule(cfg: Config, per_round: int, round_idx: int) -> dict[str, 
 
 
 def site_train(site_id: str, cfg: Config | Mapping[str, Any], *, round_idx: int, global_uri: str,
-               global_sha256: str | None, update_run_id: str, run_key: str = "default", root: str | Path | None = None,
-               work_dir: str | Path | None = None, progress: bool = False) -> dict[str, Any]:
+               global_sha256: str | None, update_run_id: str | None, run_key: str = "default",
+               root: str | Path | None = None, work_dir: str | Path | None = None, progress: bool = False,
+               store: "StateStore | None" = None, records: Sequence | None = None) -> dict[str, Any]:
     """Pull the global model, run ``local_epochs`` of UltraMIM, push the update; return a reference.
 
     ``run_key`` (the pretraining's parent run id) scopes the site's saved optimizer state, so
     two pretrainings over the same site never read each other's AdamW moments. The learning
     rate follows :func:`round_lr_schedule`: one warmup+cosine over ``federated.lr_horizon_rounds``
     rounds when > 0 (rounds beyond it stay at ``pretrain.min_lr``), else over ``federated.rounds``.
+    ``store`` moves weights (default: MLflow artifacts); ``records`` replaces the site's own
+    train split (a pooled "central" site, a capped smoke run).
     """
     from ultrafed.data.datasets import dataset_from_config, make_loader
     from ultrafed.engine.device import select_device
     from ultrafed.engine.pretrain import scaled_lr, train_local
     from ultrafed.models.mae import mae_from_config
-    from ultrafed.tracking.store import get_state, put_state
 
     cfg = _config(cfg)
+    store = store or default_store()
     root, work = site_paths(site_id, root, work_dir)
     fed, pre = cfg.federated, cfg.pretrain
     seed = derive_seed(cfg.seed, "train", round_idx, site_id)
-    global_state = get_state(global_uri, expected_sha256=global_sha256)
+    global_state = store.get(global_uri, global_sha256)
     model = mae_from_config(cfg.model)
     model.load_state_dict(global_state)
-    ds = dataset_from_config(_training_records(site_id, root, work), cfg, seed)
+    ds = dataset_from_config(list(records) if records is not None else _training_records(site_id, root, work), cfg, seed)
     loader = make_loader(ds, batch_size=pre.batch_size, num_workers=pre.num_workers, seed=seed)
     per_round = steps_per_epoch(len(ds), pre.batch_size) * fed.local_epochs
     optim_dir = work / "optimizer" / run_key
@@ -181,7 +194,7 @@ def site_train(site_id: str, cfg: Config | Mapping[str, Any], *, round_idx: int,
     )
     if fed.keep_optimizer_state and res.optimizer_state is not None:
         save_checkpoint(optim_dir / f"round-{round_idx:04d}.pt", {"optimizer": res.optimizer_state})
-    uri = put_state(res.state, update_run_id, f"update-round-{round_idx:04d}", meta={"site": site_id, "round": round_idx})
+    uri = store.put(res.state, update_run_id, f"update-round-{round_idx:04d}", meta={"site": site_id, "round": round_idx})
     from ultrafed.tracking.store import state_sha256
 
     metrics = {k: float(v) for k, v in res.metrics.items()}
@@ -222,7 +235,8 @@ def global_val_loss(model, records: list, cfg: Config, site_id: str, device: tor
 @torch.no_grad()
 def site_validate(site_id: str, cfg: Config | Mapping[str, Any], *, global_uri: str, global_sha256: str | None = None,
                   root: str | Path | None = None, work_dir: str | Path | None = None, max_images: int = 256,
-                  picture_run_id: str | None = None, round_idx: int = 0) -> dict[str, Any]:
+                  picture_run_id: str | None = None, round_idx: int = 0, store: "StateStore | None" = None,
+                  records: Sequence | None = None) -> dict[str, Any]:
     """Masked-reconstruction loss of a global model on the site's val split (fixed masks, no MIC).
 
     With ``picture_run_id`` the site also logs an original / masked / reconstruction grid of a
@@ -234,16 +248,16 @@ def site_validate(site_id: str, cfg: Config | Mapping[str, Any], *, global_uri: 
     from ultrafed.data.sites import load_site
     from ultrafed.engine.device import select_device
     from ultrafed.models.mae import mae_from_config
-    from ultrafed.tracking.store import get_state
 
     cfg = _config(cfg)
+    store = store or default_store()
     root, _ = site_paths(site_id, root, work_dir)
-    recs = load_site(root, site_id).select(["val"])[:max_images]
+    recs = (list(records) if records is not None else load_site(root, site_id).select(["val"]))[:max_images]
     if not recs:
         return {"site": site_id, "val_loss": float("nan"), "n_val": 0}
     device = select_device(cfg.pretrain.device)
     model = mae_from_config(cfg.model).to(device).eval()
-    model.load_state_dict(get_state(global_uri, expected_sha256=global_sha256))
+    model.load_state_dict(store.get(global_uri, global_sha256))
     loss, n = global_val_loss(model, recs, cfg, site_id, device)
     if picture_run_id:
         from ultrafed.data.datasets import UltraMIMDataset
@@ -269,11 +283,16 @@ def result_artifact(action: str) -> str:
 
 
 def run_action(action: str, site_id: str, params: Mapping[str, Any], *, root: str | Path | None = None,
-               work_dir: str | Path | None = None, result_run_id: str | None = None) -> dict[str, Any]:
-    """Run a site action and, given a run id, log its (small) result there for the coordinator."""
+               work_dir: str | Path | None = None, result_run_id: str | None = None,
+               extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Run a site action and, given a run id, log its (small) result there for the coordinator.
+
+    ``params`` are the JSON parameters a coordinator may send; ``extra`` holds in-process
+    objects (a state store, record lists) that only a caller in the same process can pass.
+    """
     if action not in ACTIONS:
         raise ValueError(f"unknown site action '{action}' (check | train | validate)")
-    result = ACTIONS[action](site_id, root=root, work_dir=work_dir, **params)
+    result = ACTIONS[action](site_id, root=root, work_dir=work_dir, **params, **dict(extra or {}))
     if result_run_id:
         from mlflow.tracking import MlflowClient
 

@@ -1,24 +1,30 @@
-"""Coordinator-side round logic that needs no orchestrator: screening, aggregation, checkpoints.
+"""The coordinator's loop: rounds of :func:`ultrafed.federated.round.run_round`, checkpoints, exact resume.
 
-The coordinator handles weights only through references (artifact URIs + sha256) and keeps
-its own resumable state (global weights, server-optimiser state, history) in a checkpoint
-per completed round, so a crashed coordinator resumes exactly where it stopped.
+The coordinator keeps its own resumable state (global weights, server-optimiser state,
+history, LR horizon) in a checkpoint per completed round, so a crashed coordinator resumes
+exactly where it stopped; because every random stream derives from (seed, round, site), a
+resumed run ends with the same weights as an uninterrupted one. How a round is played
+(Prefect flow, in-process) and recorded (MLflow, JSON lines) is the caller's choice.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from torch import Tensor
 
+from ultrafed.config import Config
 from ultrafed.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ultrafed.federated.round import ModelRef, RoundFailed, RoundInputs, RoundRecord, StateStore, require_quorum
 
 State = dict[str, Tensor]
+__all__ = ["CoordinatorState", "HorizonError", "RoundFailed", "RunDirError", "load_latest", "pretrain_rounds",
+           "require_quorum", "run_lr_horizon", "save_round"]
 
 
-class RoundFailed(RuntimeError):
-    """Fewer than ``min_sites`` usable updates: the round must not produce a model."""
+class RunDirError(RuntimeError):
+    """The run folder cannot be used as asked (holds rounds without --resume, nothing to resume); one line."""
 
 
 class HorizonError(ValueError):
@@ -87,8 +93,55 @@ def run_lr_horizon(state: CoordinatorState | None, requested: int, run_name: str
     return recorded
 
 
-def require_quorum(accepted: Sequence[str], min_sites: int, excluded: Mapping[str, str]) -> None:
-    """k-of-n: fail loudly, naming every excluded site and why."""
-    if len(accepted) < min_sites:
-        why = "; ".join(f"{s}: {r}" for s, r in sorted(excluded.items())) or "no site reported"
-        raise RoundFailed(f"only {len(accepted)} usable site update(s), need at least {min_sites} ({why})")
+@dataclass(frozen=True)
+class RunHooks:
+    """What the loop needs from its caller: where weights go, how a run starts, how a round is played."""
+
+    store: StateStore
+    start_run: Callable[[Config], str]  # a new pretraining's tracking run id (the history's parent)
+    play_round: Callable[[Config, RoundInputs], RoundRecord]
+    after_round: Callable[[RoundRecord, "CoordinatorState"], None] = lambda rec, st: None
+
+
+def pretrain_rounds(cfg: Config, *, run_dir: Path, rounds: int, resume: bool, hooks: RunHooks,
+                    code_commit: str, mode: str = "embedded", manifest_paths: Mapping[str, str] | None = None,
+                    init_state: State | None = None, say: Callable[[str], None] = print) -> CoordinatorState:
+    """Play rounds ``last done + 1 .. rounds - 1`` and checkpoint after each; returns the final state.
+
+    A new run (``resume`` False, no checkpoint in ``run_dir``) starts from ``init_state`` (default:
+    the model of ``cfg.model`` at ``cfg.seed``); ``resume`` continues from the newest checkpoint.
+    Each round's config has ``federated.rounds = rounds`` (the LR schedule's default span) and the
+    run's LR horizon.
+    """
+    from ultrafed.models.mae import mae_from_config
+    from ultrafed.tracking.store import state_sha256
+
+    if rounds < 1:
+        raise RunDirError(f"run {run_dir.name}: rounds must be >= 1, got {rounds}")
+    state = load_latest(run_dir) if resume else None
+    if state is None and any(Path(run_dir).glob("round-*.ckpt")):
+        raise RunDirError(f"{run_dir} already holds rounds; pass --resume or another --run-name")
+    horizon = run_lr_horizon(state, cfg.federated.lr_horizon_rounds, Path(run_dir).name)
+    cfg = cfg.replace(**{"federated.lr_horizon_rounds": horizon})
+    params_hash = cfg.params_hash()
+    round_cfg = cfg.replace(**{"federated.rounds": rounds})
+    if state is None:
+        parent = hooks.start_run(round_cfg)
+        init = init_state if init_state is not None else mae_from_config(cfg.model, seed=cfg.seed).state_dict()
+        state = CoordinatorState(round_idx=-1, global_state=dict(init), parent_run_id=parent, lr_horizon_rounds=horizon)
+    assert state.parent_run_id is not None
+    ref = ModelRef(hooks.store.put(state.global_state, state.parent_run_id, f"global-start-{state.round_idx + 1:04d}"),
+                   state_sha256(state.global_state))
+    for r in range(state.round_idx + 1, rounds):
+        inputs = RoundInputs(round_idx=r, global_state=state.global_state, global_ref=ref,
+                             server_state=state.server_state, parent_version=state.registered_version,
+                             run_key=state.parent_run_id, code_commit=code_commit, params_hash=params_hash,
+                             mode=mode, manifest_paths=dict(manifest_paths or {}))
+        rec = hooks.play_round(round_cfg, inputs)
+        state = CoordinatorState(round_idx=r, global_state=rec.global_state, server_state=rec.server_state,
+                                 registered_version=rec.version, history=state.history + [rec.summary()],
+                                 parent_run_id=state.parent_run_id, lr_horizon_rounds=horizon)
+        save_round(run_dir, state)
+        ref = rec.global_ref
+        hooks.after_round(rec, state)
+    return state

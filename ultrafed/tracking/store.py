@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import tempfile
+import threading
 from pathlib import Path
 from typing import Mapping
 
@@ -22,6 +23,25 @@ from torch import Tensor
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
+
+# States this process put or fetched, by sha256. Weights are content-addressed, so a hit is
+# the same tensors a download would give; in embedded mode every in-process site and the
+# coordinator share one copy of the round's global model instead of re-reading it from the
+# store. The coordinator calls :func:`retain` each round, so the cache holds one round at most.
+_CACHE: dict[str, dict[str, Tensor]] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def _remember(sha: str, state: Mapping[str, Tensor]) -> None:
+    with _CACHE_LOCK:
+        _CACHE[sha] = dict(state)
+
+
+def retain(shas: set[str] | frozenset[str] = frozenset()) -> None:
+    """Forget every cached state but ``shas`` (call once per round)."""
+    with _CACHE_LOCK:
+        for k in [k for k in _CACHE if k not in shas]:
+            del _CACHE[k]
 
 
 class StateIntegrityError(RuntimeError):
@@ -64,6 +84,7 @@ def put_state(state: Mapping[str, Tensor], run_id: str, artifact_path: str, *,
         # The state first, its meta last: a reader that finds meta.json finds a complete state.pt.
         client.log_artifact(run_id, str(Path(tmp) / STATE_FILE), artifact_path)
         client.log_artifact(run_id, str(Path(tmp) / META_FILE), artifact_path)
+        _remember(sha, sd)
     return f"runs:/{run_id}/{artifact_path.strip('/')}/{STATE_FILE}"
 
 
@@ -91,6 +112,10 @@ def get_state(uri: str, *, expected_sha256: str | None = None) -> dict[str, Tens
     The expected checksum defaults to the one in ``meta.json``; any mismatch, truncation or
     unreadable file raises :class:`StateIntegrityError` with a one-line message naming ``uri``.
     """
+    with _CACHE_LOCK:
+        hit = _CACHE.get(expected_sha256 or "")
+    if hit is not None:
+        return dict(hit)  # tensors are shared read-only: every consumer copies (load_state_dict) or makes new ones
     expected = expected_sha256 or get_meta(uri).get("sha256")
     with tempfile.TemporaryDirectory(prefix="ultrafed-state-") as tmp:
         try:
@@ -110,4 +135,5 @@ def get_state(uri: str, *, expected_sha256: str | None = None) -> dict[str, Tens
         raise StateIntegrityError(f"{uri}: {e}") from None
     if expected and got != expected:
         raise StateIntegrityError(f"{uri}: sha256 mismatch (expected {expected[:12]}, got {got[:12]})")
+    _remember(got, state)
     return state
