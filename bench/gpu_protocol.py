@@ -5,10 +5,10 @@ it cannot reach this machine's servers. So this script runs the protocol's *step
 ``ultrafed``'s pure functions -- the same site datasets, ``train_local``, ``fedavg``,
 ``global_val_loss``, ``finetune`` and ``train_baseline`` the flows call -- and writes one JSON
 line per result; ``bench/import_results.py`` then logs those lines as MLflow result runs here
-and ``ultrafed report`` builds docs/RESULTS.md from them. The round loop below is the
-embedded round of ``flows/round.py`` without its orchestration (quality gate, update
-screening, registry): on the fixed real splits every site passes the gate, and the report
-says which machine and which script produced each number.
+and ``ultrafed report`` builds docs/RESULTS.md from them. Pretraining plays its rounds with
+the library's ``run_round`` and coordinator loop, as the flows do, with the in-process site
+runner, weights in memory and a JSON-lines tracker (no registry, no quality gate: this machine
+has no Great Expectations, and each round's lineage says ``skipped``).
 
 Jobs (one process each, several at once: a ViT-Tiny leaves an H100 mostly idle, the CPU
 augmentations are the bottleneck) in priority order, so a cut-off run loses seed 1 first::
@@ -31,6 +31,7 @@ import os
 import shlex
 import signal
 import sys
+import tempfile
 import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -158,63 +159,62 @@ def _records(data: Path, splits: tuple[str, ...], limit: int | None) -> dict[str
 
 
 def pretrain(cfg, data: Path, mode: str, rounds: int, local_epochs: int, workers: int, limit: int | None,
-             device) -> tuple[Any, dict[str, float], list[dict[str, float]]]:
-    """Federated (one site per dataset) or centralized (one pooled site) UltraMIM; returns (encoder, metrics, curve)."""
+             work: Path) -> tuple[Any, dict[str, float], list[dict[str, float]]]:
+    """Federated (one site per dataset) or centralized (one pooled site) UltraMIM; returns (encoder, metrics, curve).
+
+    The rounds are :func:`ultrafed.federated.round.run_round` under the library's coordinator loop,
+    exactly as the flows play them, with the in-process runner, weights in memory and no quality
+    gate (this machine has no Great Expectations; the lineage of each round says ``skipped``).
+    Sites train one after another on the one GPU.
+    """
     import torch
 
-    from ultrafed.data.datasets import dataset_from_config, make_loader
-    from ultrafed.engine.pretrain import scaled_lr, train_local
-    from ultrafed.federated.client import PRETRAIN_SPLITS, global_val_loss, round_lr_schedule, steps_per_epoch
-    from ultrafed.federated.seeds import derive_seed
-    from ultrafed.federated.strategies import fedavg
+    from ultrafed.federated.client import PRETRAIN_SPLITS
+    from ultrafed.federated.coordinator import RunHooks, pretrain_rounds
+    from ultrafed.federated.local import JsonlRoundTracker, MemoryStateStore
+    from ultrafed.federated.round import run_round
+    from ultrafed.federated.runners import InProcessRunner, LocalSite
     from ultrafed.models.mae import mae_from_config
 
     train = _records(data, PRETRAIN_SPLITS, limit)
     val = _records(data, ("val",), limit)
     if mode == "central":  # one site holding every train image: the upper bound federated learning chases
-        train = {"central": [r for name in SITES for r in train[name]]}
-    pre = cfg.pretrain
-    sched = cfg.replace(**{"federated.rounds": rounds})  # the site's one LR schedule spans this run's rounds
-    sites = {}
-    for sid, recs in train.items():
-        ds = dataset_from_config(recs, cfg, derive_seed(cfg.seed, "train", 0, sid))
-        sites[sid] = (ds, make_loader(ds, pre.batch_size, workers, derive_seed(cfg.seed, "loader", 0, sid)))
-    model = mae_from_config(cfg.model, seed=cfg.seed).to(device)
-    global_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    opt_states: dict[str, Any] = {}
-    tgm = cfg.ultramim.tgm.strength if cfg.ultramim.tgm.enabled else None
+        sites = [LocalSite("central", str(data), str(work / "central"), tuple(r for n in SITES for r in train[n]),
+                           tuple(r for n in SITES for r in val[n]))]
+    else:
+        sites = [LocalSite(n, str(data / n), str(work / n), tuple(train[n]), tuple(val[n])) for n in SITES]
+    cfg = cfg.replace(**{"federated.local_epochs": local_epochs, "federated.min_sites": len(sites),
+                         "pretrain.num_workers": workers})
+    store = MemoryStateStore()
+    tracker = JsonlRoundTracker(None, f"{mode}-seed{cfg.seed}", store=store)
+    runner = InProcessRunner(cfg, sites, store, gate=False, max_workers=1)
     curve: list[dict[str, float]] = []
-    images = seconds = 0.0
-    for r in range(rounds):
-        updates, losses = [], []
-        for sid, (ds, loader) in sites.items():
-            per_round = steps_per_epoch(len(ds), pre.batch_size) * local_epochs
-            model.load_state_dict(global_state)
-            res = train_local(model, loader, epochs=local_epochs, peak_lr=scaled_lr(pre.base_lr, pre.batch_size),
-                              weight_decay=pre.weight_decay, betas=tuple(pre.betas),
-                              **round_lr_schedule(sched, per_round, r), optimizer_state=opt_states.get(sid),
-                              tgm_strength=tgm, device=device, seed=derive_seed(cfg.seed, "train", r, sid),
-                              min_lr=pre.min_lr)
-            opt_states[sid] = res.optimizer_state
-            updates.append((res.state, len(ds)))
-            losses.append((res.metrics["loss"], len(ds)))
-            images += res.metrics["images"]
-            seconds += res.metrics["seconds"]
-        global_state = fedavg(updates, weighted=True)
-        model.load_state_dict(global_state)
-        vals = [global_val_loss(model, recs, cfg, sid, device) for sid, recs in val.items() if recs]
-        n_val = sum(n for _, n in vals)
-        curve.append({"round": r, "train_loss": sum(v * n for v, n in losses) / sum(n for _, n in losses),
-                      "global_val_loss": sum(v * n for v, n in vals) / max(n_val, 1)})
-        print(f"    round {r + 1}/{rounds}: train {curve[-1]['train_loss']:.4f} val {curve[-1]['global_val_loss']:.4f}",
-              flush=True)
+    images = seconds = per_round = 0.0
+
+    def play(c, inputs):
+        nonlocal images, seconds, per_round
+        rec = run_round(c, [s.id for s in sites], inputs, runner, tracker)
+        per_round = float(sum(u.n_images for u in rec.updates) * local_epochs)
+        images += sum(u.metrics.get("images", 0.0) for u in rec.updates)
+        seconds += sum(u.metrics.get("seconds", 0.0) for u in rec.updates)
+        curve.append({"round": rec.round_idx, "train_loss": rec.metrics["train_loss"],
+                      "global_val_loss": rec.metrics["global_val_loss"]})
+        print(f"    round {rec.round_idx + 1}/{rounds}: train {curve[-1]['train_loss']:.4f} "
+              f"val {curve[-1]['global_val_loss']:.4f}", flush=True)
+        return rec
+
+    hooks = RunHooks(store=store, start_run=lambda c: tracker.run_name, play_round=play,
+                     after_round=lambda rec, st: store.retain({rec.global_ref.sha256}))
+    state = pretrain_rounds(cfg, run_dir=work / "coordinator", rounds=rounds, resume=False, hooks=hooks,
+                            code_commit="gpu-protocol", mode=mode)
+    model = mae_from_config(cfg.model)
+    model.load_state_dict(state.global_state)
     metrics = {"rounds": float(rounds), "train_loss": curve[-1]["train_loss"],
                "global_val_loss": curve[-1]["global_val_loss"], "img_per_s": images / max(seconds, 1e-9),
-               "train_images_per_round": float(sum(len(ds) for ds, _ in sites.values()) * local_epochs)}
-    sites.clear()  # stops the persistent loader workers before fine-tuning starts its own
+               "train_images_per_round": per_round}
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return model.cpu().encoder, metrics, curve
+    return model.encoder, metrics, curve
 
 
 def _scores(res) -> dict[str, float]:
@@ -288,8 +288,9 @@ def run_job(job: dict[str, Any]) -> str:
                               equal_steps=bool(job.get("equal_steps")))
 
         def _pre_result():
-            enc, metrics, curve = pretrain(cfg, data, mode, preset["rounds"], epochs, int(job["workers"]),
-                                           preset.get("max_images"), device)
+            with tempfile.TemporaryDirectory(prefix=f"ultrafed-gpu-{name}-{seed}-") as work:
+                enc, metrics, curve = pretrain(cfg, data, mode, preset["rounds"], epochs, int(job["workers"]),
+                                               preset.get("max_images"), Path(work))
             holder["encoder"] = enc
             params = dict(base) | over | {"rounds": preset["rounds"], "local_epochs": epochs, "mode": mode}
             return metrics, params, curve

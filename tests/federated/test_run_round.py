@@ -18,7 +18,7 @@ from ultrafed.federated.local import JsonlRoundTracker, MemoryStateStore
 from ultrafed.federated.round import (GateOutcome, ModelRef, RoundContext, RoundFailed, RoundInputs, SiteFailure,
                                       UpdateRef, ValOutcome, round_metrics, run_round)
 from ultrafed.federated.runners import InProcessRunner, LocalSite
-from ultrafed.tracking.store import state_sha256
+from ultrafed.federated.transfer import state_sha256
 
 N_IMAGES = {"a": 10, "b": 30, "c": 60}
 

@@ -195,7 +195,7 @@ def site_train(site_id: str, cfg: Config | Mapping[str, Any], *, round_idx: int,
     if fed.keep_optimizer_state and res.optimizer_state is not None:
         save_checkpoint(optim_dir / f"round-{round_idx:04d}.pt", {"optimizer": res.optimizer_state})
     uri = store.put(res.state, update_run_id, f"update-round-{round_idx:04d}", meta={"site": site_id, "round": round_idx})
-    from ultrafed.tracking.store import state_sha256
+    from ultrafed.federated.transfer import state_sha256
 
     metrics = {k: float(v) for k, v in res.metrics.items()}
     if loss_before is not None:

@@ -114,7 +114,7 @@ def pretrain_rounds(cfg: Config, *, run_dir: Path, rounds: int, resume: bool, ho
     run's LR horizon.
     """
     from ultrafed.models.mae import mae_from_config
-    from ultrafed.tracking.store import state_sha256
+    from ultrafed.federated.transfer import state_sha256
 
     if rounds < 1:
         raise RunDirError(f"run {run_dir.name}: rounds must be >= 1, got {rounds}")

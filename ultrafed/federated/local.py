@@ -27,7 +27,7 @@ class MemoryStateStore:
 
     def put(self, state: Mapping[str, Tensor], run_id: str | None, name: str, *,
             meta: Mapping[str, Any] | None = None) -> str:
-        from ultrafed.tracking.store import state_sha256
+        from ultrafed.federated.transfer import state_sha256
 
         sd = {k: v.detach().cpu() for k, v in state.items()}
         sha = state_sha256(sd)

@@ -190,6 +190,7 @@ class RoundRecord:
     version: int | None
     model_uri: str | None
     lineage: Lineage
+    updates: tuple[UpdateRef, ...] = ()  # the accepted updates (their sites' full local metrics)
     phases: dict[str, float] = field(default_factory=dict)  # seconds per step of the round
 
     def summary(self) -> dict[str, Any]:
@@ -330,7 +331,7 @@ def run_round(cfg: Config, sites: Sequence[str], inputs: RoundInputs, runner: Si
     ``step(name, fn)`` runs each coordinator step (``aggregate``, ``register``); an orchestrator
     passes one that makes each a task of its DAG. ``progress`` receives one line per phase.
     """
-    from ultrafed.tracking.store import state_sha256
+    from ultrafed.federated.transfer import state_sha256
 
     fed, say = cfg.federated, progress or (lambda _msg: None)
     clock = _Clock()
@@ -387,4 +388,5 @@ def run_round(cfg: Config, sites: Sequence[str], inputs: RoundInputs, runner: Si
         tracker.end_round(ctx, failed_sites=set(excluded), ok=ok)
     return RoundRecord(round_idx=r, metrics=metrics, excluded=excluded, weights=dict(agg.weights),
                        global_state=agg.state, global_ref=new_ref, server_state=dict(agg.server_state),
-                       version=version, model_uri=model_uri, lineage=lineage, phases=clock.phases)
+                       version=version, model_uri=model_uri, lineage=lineage, updates=tuple(accepted_refs),
+                       phases=clock.phases)

@@ -8,6 +8,7 @@ integer/bool buffers travel unchanged.
 """
 from __future__ import annotations
 
+import hashlib
 from typing import Mapping
 
 import torch
@@ -99,3 +100,21 @@ def encoded_nbytes(state: Mapping[str, Tensor], dtype: str | torch.dtype = "floa
     item = torch.empty((), dtype=transfer_dtype(dtype)).element_size()
     return int(sum(t.numel() * (item if t.is_floating_point() else t.element_size())
                    for t in state.values()))
+
+
+def state_sha256(state: Mapping[str, Tensor]) -> str:
+    """sha256 over (name, dtype, shape, bytes) of every tensor in key order.
+
+    Independent of pickle framing and file layout, so the same weights hash the same whether
+    they came from ``torch.save``, an MLflow model or memory.
+    """
+    h = hashlib.sha256()
+    for k in sorted(state):
+        t = state[k]
+        if not isinstance(t, Tensor):
+            raise TypeError(f"state entry '{k}' is {type(t).__name__}, not a tensor")
+        t = t.detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()

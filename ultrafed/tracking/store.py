@@ -8,7 +8,6 @@ truncated or altered file before using it.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import tempfile
@@ -20,6 +19,8 @@ import mlflow
 import torch
 from mlflow import MlflowClient
 from torch import Tensor
+
+from ultrafed.federated.transfer import state_sha256  # noqa: F401  (re-exported: the one weights digest)
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
@@ -46,24 +47,6 @@ def retain(shas: set[str] | frozenset[str] = frozenset()) -> None:
 
 class StateIntegrityError(RuntimeError):
     """A stored state is missing, unreadable or does not match its recorded checksum."""
-
-
-def state_sha256(state: Mapping[str, Tensor]) -> str:
-    """sha256 over (name, dtype, shape, bytes) of every tensor in key order.
-
-    Independent of pickle framing and file layout, so the same weights hash the same whether
-    they came from ``torch.save``, an MLflow model or memory.
-    """
-    h = hashlib.sha256()
-    for k in sorted(state):
-        t = state[k]
-        if not isinstance(t, Tensor):
-            raise TypeError(f"state entry '{k}' is {type(t).__name__}, not a tensor")
-        t = t.detach().cpu().contiguous()
-        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}\n".encode())
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy().data)
-    return h.hexdigest()
 
 
 def put_state(state: Mapping[str, Tensor], run_id: str, artifact_path: str, *,
