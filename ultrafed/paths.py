@@ -28,12 +28,10 @@ def repo_path(path: str | Path) -> Path:
     return p if p.is_absolute() else REPO_ROOT / p
 
 
-def shown(path: str | Path) -> str:
-    """``path`` as a committed document may print it: relative to the repo root where it lies inside
-    the repository or beside it (``../shared/data``), else as given."""
-    p = Path(os.path.abspath(path))
-    for base, prefix in ((REPO_ROOT, ""), (REPO_ROOT.parent, "../")):
-        if p == base or base in p.parents:
-            rel = p.relative_to(base).as_posix()
-            return prefix + rel if rel != "." else (prefix.rstrip("/") or ".")
-    return str(path)
+def neutral(text: str) -> str:
+    """``text`` (a command, an error, a path) with this checkout's paths made relative: ``<repo>/x`` becomes
+    ``x`` and a folder beside the repository ``../shared/data``, so a committed document names no folder of
+    the machine that wrote it."""
+    for base, rel in ((REPO_ROOT, ""), (REPO_ROOT.parent, "../")):
+        text = text.replace(f"{base}/", rel)
+    return text

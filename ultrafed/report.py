@@ -28,7 +28,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from mlflow import MlflowClient
 
-from ultrafed.paths import REPO_ROOT, shown
+from ultrafed.paths import neutral
 from ultrafed.protocol import (
     ABLATIONS,
     CENTRAL,
@@ -72,14 +72,6 @@ def is_from_scratch(variant: str) -> bool:
     return variant == SCRATCH or is_baseline(variant)
 
 
-def neutral(text: str) -> str:
-    """``text`` with this checkout's paths made relative (``.ultrafed/...``, ``../shared/data``), so a command
-    or an error copied from a run names no folder of the machine that ran it."""
-    for base, rel in ((REPO_ROOT, ""), (REPO_ROOT.parent, "../")):
-        text = text.replace(f"{base}/", rel)
-    return text
-
-
 def store_label(tracking_uri: str) -> str:
     """The store as RESULTS.md names it: a sqlite file relative to the repository root (as ``--tracking-uri``
     takes it: ``sqlite:///.ultrafed/results/mlflow.db``), elsewhere by its file name only; other stores by
@@ -87,9 +79,8 @@ def store_label(tracking_uri: str) -> str:
     from urllib.parse import urlsplit
 
     if tracking_uri.startswith("sqlite:///"):
-        path = tracking_uri[len("sqlite:///"):]
-        rel = shown(path) if Path(path).is_absolute() else path
-        return f"sqlite:///{rel}" if not Path(rel).is_absolute() else f"sqlite:///<outside the repository>/{Path(path).name}"
+        path = neutral(tracking_uri[len("sqlite:///"):])
+        return f"sqlite:///{path}" if not Path(path).is_absolute() else f"sqlite:///<outside the repository>/{Path(path).name}"
     parts = urlsplit(tracking_uri)
     host = f"{parts.hostname}{f':{parts.port}' if parts.port else ''}" if parts.hostname else ""
     return f"{parts.scheme}://{host}" if parts.scheme else "a store named by a local path"

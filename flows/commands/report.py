@@ -20,12 +20,12 @@ def run(args: argparse.Namespace) -> int:
 
     from mlflow import MlflowClient
 
-    from ultrafed.paths import RESULTS_TRACKING_URI
+    from ultrafed.paths import RESULTS_TRACKING_URI, neutral
     from ultrafed.report import write_report
     from ultrafed.tracking.runs import configure_tracking
 
     uri = configure_tracking(args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or RESULTS_TRACKING_URI)
-    cmd = "ultrafed report --out " + args.out + ("" if args.experiment == EXPERIMENT else f" --experiment {args.experiment}")
+    cmd = "ultrafed report --out " + neutral(args.out) + ("" if args.experiment == EXPERIMENT else f" --experiment {args.experiment}")
     try:
         written = write_report(MlflowClient(uri), args.experiment, args.out, tracking_uri=uri, report_command=cmd)
     except LookupError as e:

@@ -2,7 +2,8 @@
 
 A round's checkpoint is what a crashed coordinator resumes from, so a half-written file must
 never look like a good one: we write to a temporary file in the same folder, fsync it and
-``os.replace`` it over the target (atomic on POSIX), and return the file's sha256 for lineage.
+``os.replace`` it over the target (atomic on POSIX), and return the file's sha256 (the single-site
+Quick start records it in ``metrics.json``; :func:`load_checkpoint` checks it when given).
 Loading never unpickles arbitrary objects (``weights_only=True``) and turns every failure into
 one line, ``path: reason``.
 """
