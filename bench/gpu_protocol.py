@@ -44,7 +44,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 from run_protocol import split_metrics  # noqa: E402  (stdlib-only at import: fine on the GPU machine)
 
-TASKS = ("busi-cls", "busi-seg", "ddti-seg", "hc18-seg")
+from ultrafed.protocol import TASKS  # noqa: E402  (stdlib-only, like run_protocol)
 SITES = ("busi", "ddti", "hc18")
 SEG_BASELINE_TASKS = ("busi-seg", "ddti-seg", "hc18-seg")
 

@@ -27,14 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-if str(Path(__file__).resolve().parent) not in sys.path:  # importable from tests too, not only as a script
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run_protocol import EXPERIMENT, _env  # noqa: E402  (the store and experiment of the CPU protocol)
+from ultrafed.paths import RESULTS_TRACKING_URI
+from ultrafed.protocol import EXPERIMENT, JOB_TASK, PRETRAIN_TASK, RESULT_KIND, RUN_STATUS, STATUSES
+from ultrafed.protocol import TASKS as FINETUNE_TASKS
 
-STATUSES = ("ok", "failed", "skipped")
-# "all": a whole job of bench/gpu_protocol.py that was stopped or never started (its steps did not run)
-TASKS = ("pretrain", "busi-cls", "busi-seg", "ddti-seg", "hc18-seg", "all")
-RUN_STATUS = {"ok": "FINISHED", "failed": "FAILED", "skipped": "KILLED"}
+# JOB_TASK ("all"): a whole job of bench/gpu_protocol.py that was stopped or never started (its steps did not run)
+TASKS = (PRETRAIN_TASK, *FINETUNE_TASKS, JOB_TASK)
 CURVE_METRICS = ("train_loss", "global_val_loss")
 
 
@@ -79,8 +77,8 @@ def parse_line(text: str) -> dict[str, Any]:
         raise BadLine(f"not JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(obj, dict):
         raise BadLine("not a JSON object")
-    if obj.get("kind") != "result":
-        raise BadLine(f"kind is {obj.get('kind')!r}, not 'result'")
+    if obj.get("kind") != RESULT_KIND:
+        raise BadLine(f"kind is {obj.get('kind')!r}, not '{RESULT_KIND}'")
     for name in ("variant", "task", "preset", "command"):
         _need(obj, name, str)
     if obj["task"] not in TASKS:
@@ -239,7 +237,7 @@ def import_file(path: Path, tracking_uri: str, experiment: str, protocol: str | 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("file", type=Path, help="JSON lines written by bench/gpu_protocol.py")
-    ap.add_argument("--tracking-uri", default=_env()["MLFLOW_TRACKING_URI"],
+    ap.add_argument("--tracking-uri", default=RESULTS_TRACKING_URI,
                     help="MLflow store (default: the one of bench/run_protocol.py)")
     ap.add_argument("--experiment", default=EXPERIMENT)
     ap.add_argument("--protocol", default=None,

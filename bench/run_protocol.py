@@ -28,12 +28,24 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS_HOME = REPO / ".ultrafed" / "results"
-EXPERIMENT = "ultrafed-results"
+# Standard library only at import (bench/gpu_protocol.py imports this file on a machine without MLflow).
+from ultrafed.paths import REPO_ROOT as REPO
+from ultrafed.paths import RESULTS_HOME, RESULTS_TRACKING_URI, neutral
+from ultrafed.protocol import (
+    CENTRAL,
+    CPU_PROTOCOL,
+    EXPERIMENT,
+    FEDERATED,
+    PLAIN_MAE,
+    PRETRAIN_TASK,
+    RESULT_KIND,
+    RUN_STATUS,
+    SCRATCH,
+    primary_metric,
+)
 
 # The reduced CPU preset (documented in RESULTS.md through the runs' tags and params).
-PRESET_NAME = "cpu-tiny64"
+PRESET_NAME = CPU_PROTOCOL
 PRESET: dict[str, Any] = {
     "model.preset": "tiny", "model.img_size": 64, "model.decoder_depth": 1, "model.decoder_dim": 128,
     "model.decoder_heads": 4, "pretrain.batch_size": 32, "finetune.img_size": 64,
@@ -51,9 +63,15 @@ def _sets(over: dict[str, Any]) -> list[str]:
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     env["ULTRAFED_HOME"] = str(RESULTS_HOME)
-    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{RESULTS_HOME / 'mlflow.db'}"
+    env["MLFLOW_TRACKING_URI"] = RESULTS_TRACKING_URI
     env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     return env
+
+
+def _command(argv: list[str]) -> str:
+    """The command a result records (and RESULTS.md prints): quoted, with this checkout's paths relative
+    to the repository root (``../shared/data``), which is where it runs from."""
+    return neutral(" ".join(shlex.quote(a) for a in argv))
 
 
 def split_metrics(val: dict[str, float], test: dict[str, float] | None) -> dict[str, float]:
@@ -104,7 +122,7 @@ class Protocol:
         self.seg_task, self.seed = seg_task, seed
         self.deadline = time.monotonic() + budget_s
         self.stamp = time.strftime("%Y%m%d-%H%M%S")
-        self.encoders: dict[str, str | None] = {"scratch": None}
+        self.encoders: dict[str, str | None] = {SCRATCH: None}
         self.pretrain_s: dict[str, float] = {}
 
     def left(self) -> float:
@@ -126,7 +144,7 @@ class Protocol:
 
         client = self._client()
         exp = ensure_experiment(EXPERIMENT)
-        tags = {"ultrafed.kind": "result", "ultrafed.variant": variant, "ultrafed.task": task,
+        tags = {"ultrafed.kind": RESULT_KIND, "ultrafed.variant": variant, "ultrafed.task": task,
                 "ultrafed.seed": str(self.seed), "ultrafed.preset": PRESET_NAME, "ultrafed.wall_s": f"{wall_s:.1f}",
                 "ultrafed.status": status, "ultrafed.command": command, **(extra_tags or {})}
         rid = client.create_run(exp, run_name=f"result-{variant}-{task}", tags=tags).info.run_id
@@ -136,8 +154,16 @@ class Protocol:
         m = {k: float(v) for k, v in (metrics or {}).items() if v == v}
         m["wall_s"] = float(wall_s)
         log_metrics(rid, m)
-        client.set_terminated(rid, "FINISHED" if status == "ok" else "KILLED")
+        client.set_terminated(rid, RUN_STATUS[status])
         return rid
+
+    def skipped(self, *, variant: str, task: str, estimate_s: float, command: str, what: str) -> bool:
+        """Record a ``skipped`` result when ``estimate_s`` no longer fits in the time left; True then."""
+        if self.left() >= estimate_s:
+            return False
+        print(f"[skip] {what}: {self.left():.0f} s left < estimate {estimate_s:.0f} s", flush=True)
+        self.log_result(variant=variant, task=task, status="skipped", wall_s=0.0, command=command)
+        return True
 
     # -- steps -------------------------------------------------------------------------------
     def pretrain(self, variant: str, over: dict[str, Any], estimate_s: float, sites_args: list[str]) -> None:
@@ -147,10 +173,9 @@ class Protocol:
         metrics_out = RESULTS_HOME / "out" / f"{name}.json"
         argv = ["ultrafed", "pretrain", *sites_args, "--rounds", str(self.rounds), "--run-name", name,
                 "--metrics-out", str(metrics_out), *_sets(over)]
-        cmd = " ".join(shlex.quote(a) for a in argv)
-        if self.left() < estimate_s:
-            print(f"[skip] pretrain {variant}: {self.left():.0f} s left < estimate {estimate_s:.0f} s", flush=True)
-            self.log_result(variant=variant, task="pretrain", status="skipped", wall_s=0.0, command=cmd)
+        cmd = _command(argv)
+        if self.skipped(variant=variant, task=PRETRAIN_TASK, estimate_s=estimate_s, command=cmd,
+                        what=f"pretrain {variant}"):
             return
         print(f"[run ] pretrain {variant}: {cmd}", flush=True)
         t0 = time.perf_counter()
@@ -163,7 +188,7 @@ class Protocol:
         wall = time.perf_counter() - t0
         if rc != 0 or not metrics_out.is_file():
             print(f"[fail] pretrain {variant}: rc {rc}, see {log}", flush=True)
-            self.log_result(variant=variant, task="pretrain", status="failed", wall_s=wall, command=cmd)
+            self.log_result(variant=variant, task=PRETRAIN_TASK, status="failed", wall_s=wall, command=cmd)
             return
         out = json.loads(metrics_out.read_text())
         self.encoders[variant] = out["model_uri"]
@@ -175,7 +200,7 @@ class Protocol:
             for k, v in {"ultrafed.variant": variant, "ultrafed.preset": PRESET_NAME, "ultrafed.wall_s": f"{wall:.1f}",
                          "ultrafed.command": cmd, "ultrafed.seed": str(self.seed)}.items():
                 client.set_tag(r.info.run_id, k, v)
-        self.log_result(variant=variant, task="pretrain", status="ok", wall_s=wall, command=cmd,
+        self.log_result(variant=variant, task=PRETRAIN_TASK, status="ok", wall_s=wall, command=cmd,
                         metrics={k: v for k, v in out.items() if isinstance(v, (int, float))},
                         extra_tags={"ultrafed.encoder_uri": out["model_uri"],
                                     "ultrafed.pretrain_run": runs[0].info.run_id if runs else ""},
@@ -190,14 +215,12 @@ class Protocol:
         argv = ["ultrafed", "finetune", "--task", task, "--test", "--data", str(self.data), *_sets(over)]
         if enc:
             argv[4:4] = ["--encoder", enc]
-        cmd = " ".join(shlex.quote(a) for a in argv)
+        cmd = _command(argv)
         if enc == "missing":
             print(f"[skip] finetune {variant} {task}: no encoder (pretraining did not run)", flush=True)
             self.log_result(variant=variant, task=task, status="skipped", wall_s=0.0, command=cmd)
             return
-        if self.left() < estimate_s:
-            print(f"[skip] finetune {variant} {task}: {self.left():.0f} s left < estimate {estimate_s:.0f} s", flush=True)
-            self.log_result(variant=variant, task=task, status="skipped", wall_s=0.0, command=cmd)
+        if self.skipped(variant=variant, task=task, estimate_s=estimate_s, command=cmd, what=f"finetune {variant} {task}"):
             return
         from tasks.finetune import finetune_and_register
 
@@ -216,10 +239,10 @@ class Protocol:
         wall = time.perf_counter() - t0
         self.log_result(variant=variant, task=task, status="ok", wall_s=wall, command=cmd,
                         metrics=split_metrics(out["val"], out["test"]),
-                        extra_tags={"ultrafed.encoder_uri": enc or "scratch", "ultrafed.finetune_run": out["run_id"],
+                        extra_tags={"ultrafed.encoder_uri": enc or SCRATCH, "ultrafed.finetune_run": out["run_id"],
                                     "ultrafed.model_uri": out["model_uri"] or ""},
                         params={"epochs": self.ft_epochs, **over})
-        key = "auroc" if task.endswith("-cls") else "dice"
+        key = primary_metric(task)
         print(f"[done] finetune {variant} {task}: test {key} {out['test'][key]:.3f} in {wall:.0f} s", flush=True)
 
     def baseline(self, kind: str, task: str, estimate_s: float, epochs: int) -> None:
@@ -228,12 +251,10 @@ class Protocol:
 
         variant = f"baseline-{kind}"
         over = {"finetune.epochs": epochs, "seed": self.seed}
-        cmd = (f"python -c \"from ultrafed.config import load_config; from ultrafed.engine.finetune import "
-               f"baseline_from_config; baseline_from_config('{task}', '{self.data}', '{kind}', "
-               f"load_config(None, {over!r}), evaluate_test=True)\"")
-        if self.left() < estimate_s:
-            print(f"[skip] {variant} {task}: {self.left():.0f} s left < estimate {estimate_s:.0f} s", flush=True)
-            self.log_result(variant=variant, task=task, status="skipped", wall_s=0.0, command=cmd)
+        cmd = neutral(f"python -c \"from ultrafed.config import load_config; from ultrafed.engine.finetune import "
+                      f"baseline_from_config; baseline_from_config('{task}', '{self.data}', '{kind}', "
+                      f"load_config(None, {over!r}), evaluate_test=True)\"")
+        if self.skipped(variant=variant, task=task, estimate_s=estimate_s, command=cmd, what=f"{variant} {task}"):
             return
         print(f"[run ] {variant} {task}", flush=True)
         cfg = load_config(None, over)
@@ -244,7 +265,7 @@ class Protocol:
                         metrics=split_metrics(res.val, res.test),
                         extra_tags={"ultrafed.preset": f"{kind}@{cfg.finetune.baseline_img_size}px"},
                         params={k: v for k, v in res.settings.items()})
-        key = "auroc" if task.endswith("-cls") else "dice"
+        key = primary_metric(task)
         print(f"[done] {variant} {task}: test {key} {res.test[key]:.3f} in {wall:.0f} s", flush=True)
 
 
@@ -278,18 +299,18 @@ def main(argv: list[str] | None = None) -> int:
     fe = args.finetune_estimate_s
     if "main" in args.groups:  # priority order: the BUSI-cls comparison of all three encoders first
         p.baseline("handcrafted-lr", "busi-cls", 60, epochs=args.ft_epochs)
-        p.pretrain("ultramim-fed", {}, args.pretrain_estimate_s, ["--data", str(data)])
-        p.finetune("ultramim-fed", "busi-cls", fe)
-        p.finetune("scratch", "busi-cls", fe)
-        p.pretrain("mae-fed", MAE_OFF, args.pretrain_estimate_s, ["--data", str(data)])
-        p.finetune("mae-fed", "busi-cls", fe)
-        for variant in ("ultramim-fed", "scratch", "mae-fed"):
+        p.pretrain(FEDERATED, {}, args.pretrain_estimate_s, ["--data", str(data)])
+        p.finetune(FEDERATED, "busi-cls", fe)
+        p.finetune(SCRATCH, "busi-cls", fe)
+        p.pretrain(PLAIN_MAE, MAE_OFF, args.pretrain_estimate_s, ["--data", str(data)])
+        p.finetune(PLAIN_MAE, "busi-cls", fe)
+        for variant in (FEDERATED, SCRATCH, PLAIN_MAE):
             p.finetune(variant, args.seg_task, fe)
     if "central" in args.groups:
         sites_yaml = centralized_folder(data, RESULTS_HOME / "central" / "central")
-        p.pretrain("ultramim-central", {"federated.min_sites": 1}, args.pretrain_estimate_s, ["--sites", str(sites_yaml)])
-        p.finetune("ultramim-central", "busi-cls", fe)
-        p.finetune("ultramim-central", args.seg_task, fe)
+        p.pretrain(CENTRAL, {"federated.min_sites": 1}, args.pretrain_estimate_s, ["--sites", str(sites_yaml)])
+        p.finetune(CENTRAL, "busi-cls", fe)
+        p.finetune(CENTRAL, args.seg_task, fe)
     if "resnet18" in args.groups:
         p.baseline("resnet18", "busi-cls", args.baseline_estimate_s, epochs=args.ft_epochs)
     if "unet" in args.groups:

@@ -1,14 +1,15 @@
 """Local federation rehearsal: Prefect server, MLflow server and one worker per site on 127.0.0.1.
 
-Every process is started in its own session with a PID file under ``.ultrafed/federation``
-and stopped by that PID (never by name). A hospital runs only the worker part on its own
-machine (see docs/FEDERATION.md).
+Every process is started in its own session with a PID file under ``<home>/federation``
+(``$ULTRAFED_HOME``, else ``.ultrafed``) and stopped by that PID (never by name). The MLflow
+server is started and stopped by :mod:`ultrafed.tracking.server` (its files in
+``<home>/federation/mlflow``). A hospital runs only the worker part on its own machine (see
+docs/FEDERATION.md).
 """
 from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,22 +17,18 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from flows.settings import REPO_ROOT
+from ultrafed.paths import REPO_ROOT, ultrafed_home
 from ultrafed.procs import group_exists, stop_group
+from ultrafed.tracking.server import free_port, start_server, stop_server
 
 BIN = Path(sys.executable).parent
+MLFLOW = "mlflow-server"  # the MLflow server's name among the rehearsal's processes
 
 
 def state_dir() -> Path:
-    d = Path(os.environ.get("ULTRAFED_HOME", REPO_ROOT / ".ultrafed")) / "federation"
+    d = ultrafed_home() / "federation"
     d.mkdir(parents=True, exist_ok=True)
     return d
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_http(url: str, timeout_s: float, proc: subprocess.Popen, log: Path) -> None:
@@ -78,16 +75,10 @@ def start_prefect_server(port: int) -> tuple[subprocess.Popen, str]:
     return proc, url
 
 
-def start_mlflow_server(port: int) -> tuple[subprocess.Popen, str]:
-    d = state_dir() / "mlflow"
-    d.mkdir(exist_ok=True)
-    cmd = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-           "--backend-store-uri", f"sqlite:///{d / 'mlflow.db'}", "--artifacts-destination", str(d / "artifacts"),
-           "--serve-artifacts", "--workers", "1"]
-    proc = start_process("mlflow-server", cmd, base_env())
-    url = f"http://127.0.0.1:{port}"
-    _wait_http(f"{url}/health", 180, proc, state_dir() / "mlflow-server.log")
-    return proc, url
+def start_mlflow_server(port: int) -> tuple[int, str]:
+    """The rehearsal's MLflow server (sqlite, artifact proxying); (pid of its process group, URL)."""
+    handle = start_server(state_dir() / "mlflow", port=port)
+    return handle.pid, handle.url
 
 
 def deploy_site(site_id: str, api_url: str) -> None:
@@ -116,9 +107,9 @@ def up(sites: dict[str, str], *, prefect_port: int | None = None, mlflow_port: i
     if (state_dir() / "federation.json").exists() and status()["running"]:
         raise RuntimeError("a federation is already up (ultrafed federation down first)")
     prefect_proc, api = start_prefect_server(prefect_port or free_port())
-    mlflow_proc, ml = start_mlflow_server(mlflow_port or free_port())
+    mlflow_pid, ml = start_mlflow_server(mlflow_port or free_port())
     info: dict[str, Any] = {"prefect_api_url": api, "mlflow_tracking_uri": ml,
-                            "pids": {"prefect-server": prefect_proc.pid, "mlflow-server": mlflow_proc.pid}, "sites": []}
+                            "pids": {"prefect-server": prefect_proc.pid, MLFLOW: mlflow_pid}, "sites": []}
     (state_dir() / "federation.json").write_text(json.dumps(info, indent=2))
     for sid, root in sites.items():
         deploy_site(sid, api)
@@ -144,15 +135,21 @@ def status() -> dict[str, Any]:
 def down() -> list[str]:
     """Stop every process of the rehearsal by its PID (workers first: they need two SIGINTs).
 
-    A bare PID file is our only record, so a group we may not signal is someone else's
-    (reused PID) and is left alone: ``eperm="gone"`` (see :mod:`ultrafed.procs`).
+    A bare PID file is our only record of the Prefect server and the workers, so a group we may
+    not signal is someone else's (reused PID) and is left alone: ``eperm="gone"`` (see
+    :mod:`ultrafed.procs`). The MLflow server is stopped by :func:`ultrafed.tracking.server.stop_server`,
+    which checks the server's identity first.
     """
     st = status()
     if st["info"] is None:
         return []
     stopped = []
     for name, pid in sorted(st["info"]["pids"].items(), key=lambda kv: not kv[0].startswith("worker")):
-        if stop_group(pid, eperm="gone", interrupts=2 if name.startswith("worker") else 1):
+        if name == MLFLOW:
+            done = stop_server(state_dir() / "mlflow")
+        else:
+            done = stop_group(pid, eperm="gone", interrupts=2 if name.startswith("worker") else 1)
+        if done:
             stopped.append(name)
     (state_dir() / "federation.json").unlink(missing_ok=True)
     return stopped

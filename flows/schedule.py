@@ -27,8 +27,8 @@ import flows  # noqa: F401  (runtime env before Prefect/MLflow imports)
 from prefect import flow, get_run_logger
 
 from flows.pretrain import run_pretrain, runs_home
-from flows.settings import REPO_ROOT
 from ultrafed.config import Config
+from ultrafed.paths import REPO_ROOT
 
 FLOW_NAME = "scheduled-pretrain"
 ENTRYPOINT = "flows/schedule.py:scheduled_pretrain"
@@ -38,14 +38,6 @@ RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 class ScheduleError(RuntimeError):
     """The schedule cannot be created; the message is one line naming the problem."""
-
-
-def rounds_done(run_name: str) -> int:
-    """Completed rounds of the run (0 when it has no loadable checkpoint yet)."""
-    from ultrafed.federated.coordinator import load_latest
-
-    st = load_latest(runs_home() / run_name)
-    return 0 if st is None else st.round_idx + 1
 
 
 def planned_total(cfg: Config, total_rounds: int | None) -> int:

@@ -7,12 +7,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from ultrafed.paths import REPO_ROOT, ultrafed_home  # noqa: F401  (REPO_ROOT: flows/pretrain.py imports it from here)
 
 
 def apply_runtime_env(state_dir: Path | None = None) -> None:
-    """Embedded mode keeps Prefect's state under ``.ultrafed/`` and silences telemetry."""
-    state = Path(state_dir) if state_dir else Path(os.environ.get("ULTRAFED_HOME", REPO_ROOT / ".ultrafed"))
+    """Embedded mode keeps Prefect's state under the UltraFed home (``.ultrafed/``) and silences telemetry."""
+    state = Path(state_dir) if state_dir else ultrafed_home()
     os.environ.setdefault("PREFECT_HOME", str(state / "prefect"))
     try:
         Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)

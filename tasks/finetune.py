@@ -69,7 +69,7 @@ def finetune_task(cfg: Mapping[str, Any], task_name: str, root: str, encoder_uri
 @task(name="promote", task_run_name="promote-{name}-v{version}")
 def promote_task(name: str, version: int, alias: str, reason: str) -> dict[str, Any]:
     """Set the alias if every gate holds; a refusal is a result (with reasons), not a crash."""
-    from ultrafed.tracking.registry import PromotionRefused, promote
+    from ultrafed.tracking.promotion import PromotionRefused, promote
 
     try:
         results = promote(name, version, alias, reason=reason)

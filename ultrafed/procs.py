@@ -1,14 +1,16 @@
 """Stop a process group we started, by its leader's PID (never by name).
 
-One implementation for the MLflow server (:mod:`ultrafed.tracking.server`) and the Prefect
-server / workers of ``ultrafed federation up|down`` (``flows/federation.py``). Each is started
+One implementation for the MLflow server (:mod:`ultrafed.tracking.server`, which also starts the
+server of ``ultrafed federation up``) and the Prefect server / workers of ``ultrafed federation
+up|down`` (``flows/federation.py``). Each is started
 with ``start_new_session=True``, so its PID is also the id of its own process group and
 ``killpg`` reaches every process it spawned.
 
 What ``killpg`` raising PermissionError (EPERM) means is the caller's to say, and every function
 here makes it say so (``eperm``, no default); the two callers differ and must keep differing:
 
-* ``eperm="gone"`` (federation): a bare PID in a pid file is its only record of what it started.
+* ``eperm="gone"`` (federation's Prefect server and workers): a bare PID in a pid file is its only
+  record of what it started.
   EPERM means that PID now leads someone else's group (the PID was reused), so the group is not
   ours: report it as not there, never signal it, never escalate.
 * ``eperm="present"`` (MLflow server): the server's identity was checked first (psutil: command

@@ -28,11 +28,25 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from mlflow import MlflowClient
 
-RESULT_KIND = "result"
-PRETRAIN_TASK = "pretrain"
-JOB_TASK = "all"   # bench/gpu_protocol.py: a whole job stopped or never started; listed as not run, no table
+from ultrafed.paths import neutral
+from ultrafed.protocol import (
+    ABLATIONS,
+    CENTRAL,
+    CPU_PROTOCOL,
+    FEDERATED,
+    JOB_TASK,
+    PLAIN_MAE,
+    PRETRAIN_TASK,
+    RESULT_KIND,
+    SCRATCH,
+    VARIANT_ORDER,
+    is_baseline,
+    primary_metric,
+    task_kind,
+)
+
 # bench/run_protocol.py tags no protocol: its runs are the reduced CPU protocol, named after its encoder preset.
-DEFAULT_PROTOCOL = "cpu-tiny64"
+DEFAULT_PROTOCOL = CPU_PROTOCOL
 _FILL_HINT = "(run bench/run_protocol.py or bench/import_results.py first)"
 
 # Quoted from the issue (from-scratch anchors on these splits at 128 px). Reference values, not measured here.
@@ -51,21 +65,25 @@ GOALS: tuple[tuple[str, str, float], ...] = (
 )
 FED_CENTRAL_TOLERANCE = 0.01   # the issue: federated within 0.01 of centralized
 SEEDS_ASKED = 2                # the issue: 2 seeds per cell
-FEDERATED, CENTRAL, PLAIN_MAE, SCRATCH = "ultramim-fed", "ultramim-central", "mae-fed", "scratch"
-# The issue's ablations: UltraMIM without one of its three parts (variant, the part left out).
-ABLATIONS: tuple[tuple[str, str], ...] = (("no-smat-fed", "SMAT"), ("no-mic-fed", "MIC"), ("no-tgm-fed", "TGM"))
-VARIANT_ORDER = (FEDERATED, CENTRAL, PLAIN_MAE, *(a for a, _ in ABLATIONS), SCRATCH,
-                 "baseline-resnet18", "baseline-handcrafted-lr", "baseline-unet")
-
-
-def primary(task: str) -> str:
-    """The reported metric of a task: macro AUROC for diagnosis, mean Dice for segmentation."""
-    return "auroc" if task.endswith("-cls") else "dice"
 
 
 def is_from_scratch(variant: str) -> bool:
     """The ViT trained from scratch and every baseline: the models that saw no pretraining."""
-    return variant == SCRATCH or variant.startswith("baseline-")
+    return variant == SCRATCH or is_baseline(variant)
+
+
+def store_label(tracking_uri: str) -> str:
+    """The store as RESULTS.md names it: a sqlite file relative to the repository root (as ``--tracking-uri``
+    takes it: ``sqlite:///.ultrafed/results/mlflow.db``), elsewhere by its file name only; other stores by
+    scheme and host, without credentials."""
+    from urllib.parse import urlsplit
+
+    if tracking_uri.startswith("sqlite:///"):
+        path = neutral(tracking_uri[len("sqlite:///"):])
+        return f"sqlite:///{path}" if not Path(path).is_absolute() else f"sqlite:///<outside the repository>/{Path(path).name}"
+    parts = urlsplit(tracking_uri)
+    host = f"{parts.hostname}{f':{parts.port}' if parts.port else ''}" if parts.hostname else ""
+    return f"{parts.scheme}://{host}" if parts.scheme else "a store named by a local path"
 
 
 @dataclass(frozen=True)
@@ -87,11 +105,12 @@ class Result:
     imported: bool = False
 
     def metric(self, split: str, name: str | None = None) -> float | None:
-        v = self.metrics.get(f"{split}_{name or primary(self.task)}")
+        v = self.metrics.get(f"{split}_{name or primary_metric(self.task)}")
         return None if v is None or not math.isfinite(v) else float(v)
 
     def ci(self, split: str) -> tuple[float, float] | None:
-        lo, hi = self.metric(split, primary(self.task) + "_lo"), self.metric(split, primary(self.task) + "_hi")
+        key = primary_metric(self.task)
+        lo, hi = self.metric(split, key + "_lo"), self.metric(split, key + "_hi")
         return (lo, hi) if lo is not None and hi is not None else None
 
 
@@ -107,9 +126,9 @@ def _result_of(r) -> Result:  # r: mlflow.entities.Run
     return Result(run_id=r.info.run_id, variant=t.get("ultrafed.variant", "?"), task=t.get("ultrafed.task", "?"),
                   status=t.get("ultrafed.status", "ok"), seed=t.get("ultrafed.seed", "?"),
                   preset=t.get("ultrafed.preset", "?"), wall_s=_float(t.get("ultrafed.wall_s")),
-                  command=t.get("ultrafed.command", ""), metrics=dict(r.data.metrics), params=dict(r.data.params),
+                  command=neutral(t.get("ultrafed.command", "")), metrics=dict(r.data.metrics), params=dict(r.data.params),
                   protocol=t.get("ultrafed.protocol") or DEFAULT_PROTOCOL, device=t.get("ultrafed.device", ""),
-                  error=t.get("ultrafed.error", ""), imported="ultrafed.import_key" in t)
+                  error=neutral(t.get("ultrafed.error", "")), imported="ultrafed.import_key" in t)
 
 
 def load_results(client: MlflowClient, experiment: str) -> list[Result]:
@@ -257,7 +276,7 @@ def _pretrain_wall(results: Sequence[Result]) -> dict[str, float | None]:
 
 def task_table(results: Sequence[Result], task: str) -> str:
     """Markdown table of one task: one row per variant with the mean over seeds and every seed's test [95% CI]."""
-    key = primary(task)
+    key = primary_metric(task)
     pre = _pretrain_wall(results)
     lines = [f"| variant | test {key}, seed mean | test {key} per seed [95% CI] | val {key}, seed mean | n seeds | "
              "fine-tune wall (s), seed mean | pretrain wall (s), seed mean | preset | status |",
@@ -357,7 +376,7 @@ def _threshold_lines(results: Sequence[Result]) -> list[str]:
 
 def _tasks(results: Sequence[Result]) -> list[str]:
     return sorted({r.task for r in results if r.task not in (PRETRAIN_TASK, JOB_TASK)},
-                  key=lambda t: (not t.endswith("-cls"), t))
+                  key=lambda t: (task_kind(t) != "cls", t))
 
 
 def _above_lines(results: Sequence[Result], other: str, what: str) -> list[str]:
@@ -440,7 +459,7 @@ def not_run_lines(results: Sequence[Result]) -> list[str]:
 def task_bars_figure(results: Sequence[Result], task: str, title: str = "") -> Figure:
     """Seed-mean test metric per variant as bars, each seed's value with its 95% CI as a point with error bars,
     the quoted anchors as dashed lines."""
-    key = primary(task)
+    key = primary_metric(task)
     rows = [c for c in cells(results, task) if c.n() > 0]
     fig = Figure(figsize=(max(5.0, 1.1 * len(rows) + 2.5), 4.6), dpi=100)
     ax = fig.subplots()
@@ -520,7 +539,7 @@ def _origin(results: Sequence[Result], tracking_uri: str) -> str:
                 "(a `--data .gpu/data` in them is the shared data fitted into 160 px by "
                 "`python bench/gpu_protocol.py shrink --data ../shared/data --out .gpu/data`, to travel to that machine).")
     return ("Run by `bench/run_protocol.py` (reduced CPU protocol); the commands below ran with "
-            f"`MLFLOW_TRACKING_URI={tracking_uri}` (and `ULTRAFED_HOME` set to the folder of that store), "
+            f"`MLFLOW_TRACKING_URI={store_label(tracking_uri)}` (and `ULTRAFED_HOME` set to the folder of that store), "
             "as `bench/run_protocol.py` sets them.")
 
 
@@ -551,10 +570,10 @@ def _pretrain_section(results: Sequence[Result], curves: Mapping[str, tuple[str,
 
 def _task_section(results: Sequence[Result], task: str, protocol: str, plots_rel: str,
                   figures: dict[str, Figure]) -> list[str]:
-    key = primary(task)
+    key = primary_metric(task)
     md = [f"### {task} (test {key})", "", task_table(results, task), ""]
     eps = sorted({r.params.get("epochs", r.params.get("finetune.epochs", "")) for r in results
-                  if r.task == task and r.status == "ok" and not r.variant.startswith("baseline-")} - {""})
+                  if r.task == task and r.status == "ok" and not is_baseline(r.variant)} - {""})
     if eps:
         md += [f"Fine-tuning epochs: {', '.join(eps)}.", ""]
     if any(a[0] == task for a in ANCHORS):
@@ -573,7 +592,7 @@ def protocol_section(results: Sequence[Result], curves: Mapping[tuple[str, str, 
     """One protocol's part of RESULTS.md: pretraining, one table per task, plots, goals and what is missing."""
     rs = [r for r in results if r.protocol == protocol]
     seeds = sorted({r.seed for r in rs}, key=seed_key)
-    presets = sorted({r.preset for r in rs if not r.variant.startswith("baseline-")})
+    presets = sorted({r.preset for r in rs if not is_baseline(r.variant)})
     devices = sorted({r.device for r in rs if r.device})
     n_ok = sum(r.status == "ok" for r in rs)
     md = [f"## Protocol {protocol}", "",
@@ -610,7 +629,7 @@ def build_report(results: Sequence[Result], curves: Mapping[tuple[str, str, str]
     ok = Counter(r.protocol for r in results if r.status == "ok")
     md = ["# UltraFed results", "",
           f"Generated by `{report_command}` from the MLflow experiment `{experiment}` "
-          f"(store `{tracking_uri}`); do not edit by hand. The runs come from `bench/run_protocol.py` (reduced CPU "
+          f"(store `{store_label(tracking_uri)}`); do not edit by hand. The runs come from `bench/run_protocol.py` (reduced CPU "
           "protocol) and `bench/import_results.py` (the full protocol's JSON lines from `bench/gpu_protocol.py`).", "",
           "Protocols (most ok results first): " + ", ".join(f"`{p}` ({ok[p]} ok)" for p in order) + ".", "",
           "Model selection on val, test evaluated once per model; CIs are 95% bootstrap intervals over test images. "

@@ -136,7 +136,7 @@ def run_lineage(args: argparse.Namespace) -> int:
 
 
 def run_promote(args: argparse.Namespace) -> int:
-    from ultrafed.tracking.registry import PromotionRefused, evaluate_gates, load_gates, promote
+    from ultrafed.tracking.promotion import PromotionRefused, evaluate_gates, load_gates, promote
 
     _configure(args)
     try:

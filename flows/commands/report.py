@@ -4,11 +4,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ultrafed.protocol import EXPERIMENT
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="write docs/RESULTS.md (tables, plots) from the MLflow result runs")
     p.add_argument("--out", default="docs/RESULTS.md", help="markdown file; plots go to results/ beside it")
-    p.add_argument("--experiment", default="ultrafed-results", help="MLflow experiment holding the result runs")
+    p.add_argument("--experiment", default=EXPERIMENT, help="MLflow experiment holding the result runs")
     p.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else .ultrafed/results/mlflow.db)")
     p.set_defaults(func=run)
 
@@ -18,14 +20,12 @@ def run(args: argparse.Namespace) -> int:
 
     from mlflow import MlflowClient
 
-    from ultrafed.config import REPO_ROOT
+    from ultrafed.paths import RESULTS_TRACKING_URI, neutral
     from ultrafed.report import write_report
     from ultrafed.tracking.runs import configure_tracking
 
-    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") \
-        or f"sqlite:///{REPO_ROOT / '.ultrafed' / 'results' / 'mlflow.db'}"
-    uri = configure_tracking(uri)
-    cmd = "ultrafed report --out " + args.out + ("" if args.experiment == "ultrafed-results" else f" --experiment {args.experiment}")
+    uri = configure_tracking(args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or RESULTS_TRACKING_URI)
+    cmd = "ultrafed report --out " + neutral(args.out) + ("" if args.experiment == EXPERIMENT else f" --experiment {args.experiment}")
     try:
         written = write_report(MlflowClient(uri), args.experiment, args.out, tracking_uri=uri, report_command=cmd)
     except LookupError as e:

@@ -43,71 +43,54 @@ def test_failed_write_keeps_previous_file(tmp_path):
     assert [x.name for x in tmp_path.iterdir()] == ["ckpt.pt"]
 
 
-def test_missing(tmp_path):
-    p = tmp_path / "nope.pt"
-    with pytest.raises(CheckpointError) as e:
-        load_checkpoint(p)
-    assert_one_line(e.value, p, "not found")
-
-
-def test_truncated(tmp_path):
+def _saved(tmp_path):
     p = tmp_path / "ckpt.pt"
     save_checkpoint(p, payload())
-    data = p.read_bytes()
-    p.write_bytes(data[: len(data) // 2])  # half-written
-    with pytest.raises(CheckpointError) as e:
-        load_checkpoint(p)
-    assert_one_line(e.value, p, "truncated or corrupt")
+    return p
 
 
-def test_garbage(tmp_path):
-    p = tmp_path / "ckpt.pt"
-    p.write_bytes(b"this is not a checkpoint\n" * 10)
-    with pytest.raises(CheckpointError) as e:
-        load_checkpoint(p)
-    assert_one_line(e.value, p, "not a checkpoint")
+def _halved(tmp_path):  # half-written
+    p = _saved(tmp_path)
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    return p
 
 
-def test_zero_bytes(tmp_path):
-    p = tmp_path / "ckpt.pt"
-    p.write_bytes(b"")
-    with pytest.raises(CheckpointError) as e:
-        load_checkpoint(p)
-    assert_one_line(e.value, p, "zero bytes")
+def _written(name: str, data: bytes):
+    def make(tmp_path):
+        (tmp_path / name).write_bytes(data)
+        return tmp_path / name
+    return make
 
 
-def test_directory(tmp_path):
-    with pytest.raises(CheckpointError) as e:
-        load_checkpoint(tmp_path)
-    assert_one_line(e.value, tmp_path, "directory")
-
-
-def test_sha256_mismatch(tmp_path):
-    p = tmp_path / "ckpt.pt"
-    save_checkpoint(p, payload())
-    with pytest.raises(CheckpointError) as e:
-        load_checkpoint(p, sha256="0" * 64)
-    assert_one_line(e.value, p, "sha256 mismatch")
-
-
-def test_torch_file_that_is_not_a_dict(tmp_path):
-    p = tmp_path / "list.pt"
-    torch.save([torch.zeros(2)], p)
-    with pytest.raises(CheckpointError) as e:
-        load_checkpoint(p)
-    assert_one_line(e.value, p, "payload is list")
+def _torch_list(tmp_path):
+    torch.save([torch.zeros(2)], tmp_path / "list.pt")
+    return tmp_path / "list.pt"
 
 
 class Arbitrary:  # an object a checkpoint must never unpickle (code execution risk)
     pass
 
 
-def test_arbitrary_objects_refused(tmp_path):
-    p = tmp_path / "evil.pt"
-    torch.save({"x": Arbitrary()}, p)
+def _arbitrary(tmp_path):
+    torch.save({"x": Arbitrary()}, tmp_path / "evil.pt")
+    return tmp_path / "evil.pt"
+
+
+@pytest.mark.parametrize("make, sha256, words", [
+    (lambda tmp: tmp / "nope.pt", None, "not found"),
+    (_halved, None, "truncated or corrupt"),
+    (_written("ckpt.pt", b"this is not a checkpoint\n" * 10), None, "not a checkpoint"),
+    (_written("ckpt.pt", b""), None, "zero bytes"),
+    (lambda tmp: tmp, None, "directory"),
+    (_saved, "0" * 64, "sha256 mismatch"),
+    (_torch_list, None, "payload is list"),
+    (_arbitrary, None, "refused"),
+], ids=["missing", "truncated", "garbage", "zero-bytes", "directory", "sha256-mismatch", "not-a-dict", "arbitrary-objects"])
+def test_broken_checkpoint_is_one_line(tmp_path, make, sha256, words):
+    p = make(tmp_path)
     with pytest.raises(CheckpointError) as e:
-        load_checkpoint(p)
-    assert_one_line(e.value, p, "refused")
+        load_checkpoint(p, sha256=sha256)
+    assert_one_line(e.value, p, words)
 
 
 def test_save_rejects_non_dict(tmp_path):

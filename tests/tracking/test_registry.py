@@ -15,9 +15,9 @@ from mlflow.exceptions import MlflowException
 
 from ._helpers import register_chain, round_lineage, small_encoder
 from ultrafed.tracking.lineage import Lineage, chain, chain_problems, verify
-from ultrafed.tracking.registry import (
-    PromotionRefused, TAG_FILES_SHA, evaluate_gates, latest_version, list_versions, load_encoder,
-    load_gates, promote, register_encoder, register_task_model)
+from ultrafed.tracking.names import TAG_FILES_SHA
+from ultrafed.tracking.promotion import PromotionRefused, evaluate_gates, load_gates, promote
+from ultrafed.tracking.registry import latest_version, list_versions, load_encoder, register_encoder, register_task_model
 from ultrafed.tracking.runs import start_round_run
 from ultrafed.tracking.store import state_sha256
 

@@ -13,7 +13,8 @@ import urllib.request
 import pytest
 import torch
 
-from ultrafed.tracking.registry import promote, register_task_model
+from ultrafed.tracking.promotion import promote
+from ultrafed.tracking.registry import register_task_model
 from ultrafed.tracking.runs import start_round_run
 from ultrafed.tracking.server import free_port
 

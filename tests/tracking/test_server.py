@@ -12,7 +12,7 @@ import torch
 from mlflow import MlflowClient
 
 from ultrafed.tracking.lineage import chain, verify
-from ultrafed.tracking.registry import promote
+from ultrafed.tracking.promotion import promote
 from ultrafed.tracking.runs import configure_tracking, ensure_experiment, start_parent_run
 from ultrafed.tracking.server import (
     ServerError, auth_available, group_running, server_status, start_server, stop_server)

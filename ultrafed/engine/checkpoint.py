@@ -2,7 +2,8 @@
 
 A round's checkpoint is what a crashed coordinator resumes from, so a half-written file must
 never look like a good one: we write to a temporary file in the same folder, fsync it and
-``os.replace`` it over the target (atomic on POSIX), and return the file's sha256 for lineage.
+``os.replace`` it over the target (atomic on POSIX), and return the file's sha256 (the single-site
+Quick start records it in ``metrics.json``; :func:`load_checkpoint` checks it when given).
 Loading never unpickles arbitrary objects (``weights_only=True``) and turns every failure into
 one line, ``path: reason``.
 """
@@ -19,6 +20,8 @@ from typing import Any
 
 import torch
 
+from ultrafed.files import read_reason
+
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format is a zip archive
 
 
@@ -28,14 +31,6 @@ class CheckpointError(RuntimeError):
     def __init__(self, path: str | Path, reason: str) -> None:
         self.path, self.reason = str(path), reason
         super().__init__(f"{self.path}: {reason}")
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> str:
@@ -76,18 +71,16 @@ def load_checkpoint(path: str | Path, *, sha256: str | None = None) -> dict[str,
     p = Path(path)
     try:
         data = p.read_bytes()
-    except FileNotFoundError:
-        raise CheckpointError(p, "checkpoint not found") from None
-    except IsADirectoryError:
-        raise CheckpointError(p, "is a directory, not a checkpoint file") from None
     except OSError as e:
-        raise CheckpointError(p, f"cannot read ({e.strerror or e})") from None
+        reason = read_reason(e, missing="checkpoint not found", directory="is a directory, not a checkpoint file")
+        raise CheckpointError(p, reason) from None
     if not data:
         raise CheckpointError(p, "empty file (zero bytes): an interrupted write?")
     if not data.startswith(_ZIP_MAGIC):
         raise CheckpointError(p, "not a checkpoint (no torch archive header)")
-    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256.lower():
-        raise CheckpointError(p, f"sha256 mismatch (expected {sha256[:12]}..., file is {hashlib.sha256(data).hexdigest()[:12]}...)")
+    actual = hashlib.sha256(data).hexdigest() if sha256 is not None else ""
+    if sha256 is not None and actual != sha256.lower():
+        raise CheckpointError(p, f"sha256 mismatch (expected {sha256[:12]}..., file is {actual[:12]}...)")
     try:
         payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:  # weights_only refuses code objects and foreign classes

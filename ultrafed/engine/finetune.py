@@ -32,14 +32,14 @@ from ultrafed.engine.metrics import (
     per_image_dice,
     segmentation_metrics,
 )
-from ultrafed.engine.pretrain import NonFiniteLossError, lr_at
+from ultrafed.engine.pretrain import NonFiniteLossError, lr_at, no_weight_decay
 from ultrafed.engine.probe import full_proba
 from ultrafed.models.baselines import UNet, build_resnet18, handcrafted_features
 from ultrafed.models.heads import ClassificationModel, SegmentationModel, adapt_encoder
 from ultrafed.models.mae import ViTEncoder, build_encoder
+from ultrafed.protocol import PRIMARY_METRIC
 
 BASELINES: tuple[str, ...] = ("resnet18", "unet", "handcrafted-lr")
-NO_DECAY_NAMES: tuple[str, ...] = ("cls_token", "pos_embed")
 
 
 @dataclass
@@ -57,7 +57,7 @@ class FinetuneResult:
 
 def primary_metric(spec: TaskSpec) -> str:
     """The model-selection metric: macro AUROC for diagnosis, mean per-image Dice for segmentation."""
-    return "auroc" if spec.kind == "cls" else "dice"
+    return PRIMARY_METRIC[spec.kind]
 
 
 # -- optimisation -------------------------------------------------------------------------------
@@ -85,7 +85,7 @@ def param_groups_lrd(model: nn.Module, weight_decay: float, layer_decay: float) 
         if not p.requires_grad:
             continue
         lid = layer_id(name, depth) if depth else 1
-        no_decay = p.ndim <= 1 or name.split(".")[-1] in NO_DECAY_NAMES
+        no_decay = no_weight_decay(name, p)
         g = groups.setdefault((lid, no_decay), {
             "params": [], "weight_decay": 0.0 if no_decay else weight_decay,
             "lr_scale": layer_decay ** ((depth + 1 - lid) if depth else 0)})

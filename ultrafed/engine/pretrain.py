@@ -23,11 +23,18 @@ from torch import Tensor, nn
 
 from ultrafed.engine.checkpoint import save_checkpoint
 from ultrafed.engine.device import select_device
+from ultrafed.federated.strategies import proximal_term
 from ultrafed.models.mae import MaskedAutoencoderViT, mae_from_config
 from ultrafed.ultramim.tgm import texture_scores, tgm_mask
 
-# Parameters MAE keeps out of weight decay besides every 1-D tensor (norms, biases).
+# Parameters MAE keeps out of weight decay besides every 1-D tensor (norms, biases); pretraining
+# and fine-tuning (ultrafed.engine.finetune) both follow it.
 NO_DECAY_NAMES: tuple[str, ...] = ("cls_token", "mask_token", "pos_embed", "decoder_pos_embed")
+
+
+def no_weight_decay(name: str, p: Tensor) -> bool:
+    """Norms, biases and the token / position embeddings train without weight decay (as MAE does)."""
+    return p.ndim <= 1 or name.split(".")[-1] in NO_DECAY_NAMES
 
 
 class NonFiniteLossError(RuntimeError):
@@ -65,7 +72,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim <= 1 or name.split(".")[-1] in NO_DECAY_NAMES:
+        if no_weight_decay(name, p):
             no_decay.append(p)
         else:
             decay.append(p)
@@ -96,18 +103,8 @@ def _to_cpu(x: Any) -> Any:
 
 
 def _proximal(params: Iterable[tuple[str, Tensor]], global_state: Mapping[str, Tensor], mu: float) -> Tensor:
-    """FedProx ``mu/2 * ||w - w_global||^2`` over trainable parameters (the federation's function if present)."""
-    named = [(n, p) for n, p in params if p.requires_grad]
-    try:  # the strategies' own definition: one source of truth for FedProx
-        from ultrafed.federated.strategies import proximal_term
-    except ImportError:
-        proximal_term = None
-    if proximal_term is not None:
-        return proximal_term(named, global_state, mu)
-    total = torch.zeros((), device=named[0][1].device)
-    for n, p in named:
-        total = total + (p - global_state[n]).square().sum()
-    return total * (mu / 2)
+    """FedProx ``mu/2 * ||w - w_global||^2`` over the trainable parameters (the strategies' definition)."""
+    return proximal_term([(n, p) for n, p in params if p.requires_grad], global_state, mu)
 
 
 def _progress_bar(enabled: bool | str, total: int):

@@ -1,7 +1,8 @@
 """Fast representation checks on a frozen encoder: linear probe and kNN.
 
 Fine-tuning mixes what the encoder learned with what the task teaches; a frozen probe isolates
-the former and costs one forward pass per image, so it can score every registered round.
+the former and costs one forward pass per image, cheap enough to score any registered encoder
+(:func:`probe_task`; the flows do not call it, fine-tuning is what they register).
 Features are the mean of the encoder's (normalised) patch tokens, the same pooling the
 classification head uses. Classifiers are scikit-learn's; ``C`` is chosen on val.
 """

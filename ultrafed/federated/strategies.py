@@ -262,19 +262,20 @@ def strategy_fedadam(global_state: State, updates: Sequence[SiteUpdate], server_
     return AggregationResult(state, {"m": m, "v": v}, _site_weights(updates, True))
 
 
+def _float_wise(global_state: State, updates: Sequence[SiteUpdate],
+                combine: Callable[[str, Tensor], Tensor]) -> State:
+    """``combine(key, global tensor)`` for every float tensor, cast back to its dtype, one key at a time;
+    non-float buffers (counters, index tables) are copied from the update with the largest n."""
+    largest = _largest(updates)
+    return {k: combine(k, g).to(g.dtype) if g.is_floating_point() else largest.state[k].clone()
+            for k, g in global_state.items()}
+
+
 def _coordinatewise(global_state: State, updates: Sequence[SiteUpdate],
                     reduce: Callable[[Tensor], Tensor]) -> State:
     """Apply ``reduce`` to each float tensor stacked over sites ([K, *shape]); one tensor at a time,
     so extra memory is K copies of the largest tensor, not of the model."""
-    largest = _largest(updates)
-    out: State = {}
-    for k, g in global_state.items():
-        if not g.is_floating_point():
-            out[k] = largest.state[k].clone()
-            continue
-        stacked = torch.stack([u.state[k] for u in updates])
-        out[k] = reduce(stacked).to(g.dtype)
-    return out
+    return _float_wise(global_state, updates, lambda k, _g: reduce(torch.stack([u.state[k] for u in updates])))
 
 
 def _median0(x: Tensor) -> Tensor:
@@ -335,17 +336,15 @@ def strategy_qfedavg(global_state: State, updates: Sequence[SiteUpdate], server_
         hs.append(q * f ** (q - 1) * lipschitz ** 2 * sq + lipschitz * f ** q)
     h_total = sum(hs)
     coef = [lipschitz * max(float(u.loss), 1e-10) ** q / h_total for u in updates]  # type: ignore[arg-type]
-    largest = _largest(updates)
-    state: State = {}
-    for k, g in global_state.items():
-        if not g.is_floating_point():
-            state[k] = largest.state[k].clone()
-            continue
+
+    def step(k: str, g: Tensor) -> Tensor:  # w + sum_k c_k (w_k - w), accumulated in float64
         g64 = g.to(_ACC)
         acc = g64.clone()
         for c, u in zip(coef, updates):
             acc.add_(u.state[k].to(_ACC) - g64, alpha=c)
-        state[k] = acc.to(g.dtype)
+        return acc
+
+    state = _float_wise(global_state, updates, step)
     return AggregationResult(state, {}, {u.site: c for u, c in zip(updates, coef)})
 
 

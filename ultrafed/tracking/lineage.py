@@ -16,9 +16,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-GATE_PASSED = "passed"
-LINEAGE_NAME = "lineage.json"
+from ultrafed.files import file_digest, files_sha256
+from ultrafed.paths import REPO_ROOT
+from ultrafed.tracking.names import (
+    GATE_PASSED,
+    LINEAGE_ARTIFACT,
+    TAG_FILES_SHA,
+    TAG_LINEAGE_SHA,
+    TAG_WEIGHTS_SHA,
+    resolve_version,
+)
 
 
 @dataclass
@@ -139,21 +146,11 @@ class Lineage:
         return [s.site for s in self.sites if s.gate_status != GATE_PASSED]
 
 
-def file_md5(path: str | Path) -> str:
-    """md5 of a file's bytes: what DVC 3 records as a file's ``md5``."""
-    h = hashlib.md5()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def resolve_manifest(path: str | None, base: Path = REPO_ROOT) -> Path | None:
     """A recorded manifest path as a local file, or None where it is not reachable here."""
     if not path:
         return None
-    p = Path(path)
-    p = p if p.is_absolute() else base / p
+    p = Path(base) / path  # an absolute path stays as it is
     return p if p.is_file() else None
 
 
@@ -185,8 +182,6 @@ def load_lineage(name: str, version: int, dst: str | Path | None = None) -> Line
 
     import mlflow
 
-    from ultrafed.tracking.registry import LINEAGE_ARTIFACT
-
     uri = f"models:/{name}/{version}/{LINEAGE_ARTIFACT}"
     with tempfile.TemporaryDirectory(prefix="ultrafed-lineage-") as tmp:
         try:
@@ -204,8 +199,6 @@ def chain(model_uri: str, max_links: int = 10_000) -> list[ChainLink]:
     on the link rather than raised, so an auditor sees the whole broken chain.
     """
     from mlflow import MlflowClient
-
-    from ultrafed.tracking.registry import resolve_version
 
     client = MlflowClient()
     name, version = resolve_version(model_uri)
@@ -277,8 +270,6 @@ _DOWNLOAD_ADDED = {"registered_model_meta"}
 def _verify_files(link: ChainLink, tmp: Path) -> list[Check]:
     import mlflow
 
-    from ultrafed.tracking.registry import TAG_FILES_SHA, TAG_LINEAGE_SHA, files_sha256
-
     where = f"{link.name} v{link.version}"
     recorded = link.tags.get(TAG_FILES_SHA)
     if not recorded:
@@ -304,7 +295,7 @@ def _verify_files(link: ChainLink, tmp: Path) -> list[Check]:
     for rel in sorted(set(got) - set(expected) - _DOWNLOAD_ADDED):
         checks.append(Check(where, f"artifact {rel}", "mismatch", "file not present at registration"))
     lsha = link.tags.get(TAG_LINEAGE_SHA)
-    lpath = local / "extra_files" / LINEAGE_NAME
+    lpath = local / LINEAGE_ARTIFACT
     if lsha and lpath.is_file():
         actual = hashlib.sha256(lpath.read_bytes()).hexdigest()
         checks.append(Check(where, "lineage.json vs tag", "ok" if actual == lsha else "mismatch",
@@ -321,7 +312,7 @@ def _verify_manifests(link: ChainLink, base: Path) -> list[Check]:
             checks.append(Check(where, f"manifest {s.site}", "skipped",
                                 f"{s.manifest_path or 'no path recorded'} not reachable here"))
             continue
-        md5 = file_md5(path)
+        md5 = file_digest(path, "md5")  # what DVC 3 records as the manifest's md5
         checks.append(Check(where, f"manifest {s.site}", "ok" if md5 == s.manifest_md5 else "mismatch",
                             f"{path}" if md5 == s.manifest_md5 else f"{path}: md5 {md5} != recorded {s.manifest_md5}"))
     return checks
@@ -329,8 +320,6 @@ def _verify_manifests(link: ChainLink, base: Path) -> list[Check]:
 
 def _verify_tags(link: ChainLink) -> list[Check]:
     """The searchable tags must agree with the checksummed record."""
-    from ultrafed.tracking.registry import TAG_WEIGHTS_SHA
-
     where = f"{link.name} v{link.version}"
     if link.lineage is None:
         return []

@@ -5,18 +5,17 @@ Versions are ordinary MLflow models (``pytorch`` flavour, loadable with
 kept fast for ViT-B: pickle format (``torch.export`` tracing takes many seconds), explicit
 pip requirements (no inference subprocess) and an explicit tensor signature instead of an
 input example (an example makes MLflow reload and run the model once more at log time).
+Promotion (aliases behind gates) is :mod:`ultrafed.tracking.promotion`.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
 import datetime as _dt
-import hashlib
 import json
 import logging
 import os
 import tempfile
-import threading
 import urllib.parse
 from dataclasses import dataclass
 from importlib import metadata as _md
@@ -34,23 +33,26 @@ from mlflow.models.signature import ModelSignature
 from mlflow.types.schema import Schema, TensorSpec
 from torch import nn
 
-from ultrafed.tracking.lineage import LINEAGE_NAME, Lineage
-from ultrafed.tracking.runs import TAG_CODE_COMMIT, TAG_PARAMS_HASH, code_commit
+from ultrafed.files import files_sha256
+from ultrafed.tracking.lineage import Lineage
+from ultrafed.tracking.names import (
+    DEFAULT_ENCODER_NAME,
+    LINEAGE_FILE,
+    METRIC_TAG_PREFIX,
+    TAG_CODE_COMMIT,
+    TAG_ENCODER_URI,
+    TAG_FILES_SHA,
+    TAG_KIND,
+    TAG_LINEAGE_SHA,
+    TAG_PARAMS_HASH,
+    TAG_PARENT,
+    TAG_ROUND,
+    TAG_WEIGHTS_SHA,
+    resolve_version,
+    tag_value,
+)
+from ultrafed.tracking.runs import code_commit
 from ultrafed.tracking.store import state_sha256
-
-DEFAULT_ENCODER_NAME = "ultrafed-encoder"
-LINEAGE_FILE = LINEAGE_NAME
-LINEAGE_ARTIFACT = f"extra_files/{LINEAGE_FILE}"  # where MLflow puts extra_files in a model dir
-
-# Version tag keys.
-TAG_KIND = "ultrafed.kind"
-TAG_WEIGHTS_SHA = "ultrafed.weights_sha256"
-TAG_LINEAGE_SHA = "ultrafed.lineage_sha256"
-TAG_FILES_SHA = "ultrafed.files_sha256"  # JSON {relative path: sha256} of the version's files
-TAG_ROUND = "ultrafed.round"
-TAG_PARENT = "ultrafed.parent_version"
-TAG_ENCODER_URI = "ultrafed.encoder_uri"
-METRIC_TAG_PREFIX = "metric."
 
 
 @dataclass(frozen=True)
@@ -84,42 +86,11 @@ def _quiet_pickle_warning() -> Iterator[None]:
         log.setLevel(old)
 
 
-_prewarm_thread: threading.Thread | None = None
-
-
-def prewarm() -> None:
-    """Start MLflow's once-per-process scan of installed packages in the background.
-
-    ``save_model`` checks the pinned requirements against the environment, which first maps
-    every installed distribution to its modules (2-4 s in this venv). A coordinator calls
-    this when a pretraining starts so the first round's registration does not pay it.
-    """
-    global _prewarm_thread
-    from mlflow.utils import requirements_utils
-
-    init = getattr(requirements_utils, "_init_modules_to_packages_map", None)
-    if init is None or _prewarm_thread is not None or getattr(requirements_utils, "_MODULES_TO_PACKAGES", 1) is not None:
-        return
-    _prewarm_thread = threading.Thread(target=init, name="mlflow-package-scan", daemon=True)
-    _prewarm_thread.start()
-
-
-def _await_prewarm() -> None:
-    """Never let the background scan and a save run the same (unlocked) initialisation at once."""
-    if _prewarm_thread is not None:
-        _prewarm_thread.join()
-
-
 def _cpu_copy(model: nn.Module) -> nn.Module:
     """The model on CPU in eval mode, without moving the caller's instance."""
     on_cpu = all(p.device.type == "cpu" for p in model.parameters())
     m = model if on_cpu else copy.deepcopy(model).cpu()
     return m.eval()
-
-
-def _tag_value(v: Any) -> str:
-    s = v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=str)
-    return s if len(s) <= 4900 else s[:4897] + "..."
 
 
 def lineage_tags(lin: Lineage) -> dict[str, str]:
@@ -140,9 +111,9 @@ def lineage_tags(lin: Lineage) -> dict[str, str]:
             TAG_ROUND: "" if lin.round is None else str(lin.round),
             TAG_PARENT: "" if lin.parent_version is None else str(lin.parent_version),
             "ultrafed.strategy": lin.strategy or "",
-            "ultrafed.strategy_params": _tag_value(lin.strategy_params),
+            "ultrafed.strategy_params": tag_value(lin.strategy_params),
             "ultrafed.sites": ",".join(s.site for s in lin.sites),
-            "ultrafed.excluded": _tag_value(lin.excluded),
+            "ultrafed.excluded": tag_value(lin.excluded),
         })
         for s in lin.sites:
             p = f"site.{s.site}."
@@ -160,18 +131,6 @@ def _encoder_signature(encoder: nn.Module) -> ModelSignature:
     tokens, dim = 1 + int(encoder.num_patches), int(encoder.embed_dim)
     return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, c, s, s))]),
                           outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, tokens, dim))]))
-
-
-def files_sha256(root: Path) -> dict[str, str]:
-    """sha256 of every file under ``root`` keyed by its relative POSIX path."""
-    out = {}
-    for f in sorted(p for p in root.rglob("*") if p.is_file()):
-        h = hashlib.sha256()
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
-                h.update(chunk)
-        out[f.relative_to(root).as_posix()] = h.hexdigest()
-    return out
 
 
 def _local_dir(uri: str) -> Path | None:
@@ -208,7 +167,6 @@ def _log_and_register(model: nn.Module, *, name: str, run_id: str, lin: Lineage,
     upload and kept as a version tag for ``ultrafed lineage --verify``, and (3) a local store
     receives the files by rename instead of a second copy of the weights.
     """
-    _await_prewarm()
     client = MlflowClient()
     tags = lineage_tags(lin)
     tags[TAG_LINEAGE_SHA] = lin.sha256()
@@ -327,29 +285,6 @@ class ProbabilityModel(nn.Module):
         return torch.softmax(self.model(x), dim=-1)
 
 
-def _parse_models_uri(uri: str) -> tuple[str, str]:
-    """``models:/name/3`` -> (name, "3"); ``models:/name@alias`` -> (name, "@alias")."""
-    if not uri.startswith("models:/"):
-        raise ValueError(f"{uri}: not a models:/ URI")
-    rest = uri[len("models:/"):]
-    if "@" in rest:
-        name, alias = rest.split("@", 1)
-        return name, "@" + alias
-    name, _, ver = rest.rpartition("/")
-    if not name or not ver:
-        raise ValueError(f"{uri}: expected models:/<name>/<version> or models:/<name>@<alias>")
-    return name, ver
-
-
-def resolve_version(uri: str) -> tuple[str, int]:
-    """A models:/ URI (version or alias) -> (name, concrete version number)."""
-    name, ref = _parse_models_uri(uri)
-    client = MlflowClient()
-    if ref.startswith("@"):
-        return name, int(client.get_model_version_by_alias(name, ref[1:]).version)
-    return name, int(client.get_model_version(name, ref).version)
-
-
 def register_task_model(model: nn.Module, *, name: str, encoder_uri: str, run_id: str,
                         metrics: Mapping[str, float] | None = None, task: str | None = None,
                         class_names: Sequence[str] | None = None, img_size: int | None = None,
@@ -414,151 +349,3 @@ def list_versions(name: str | None = None) -> list[dict[str, Any]]:
                 "promoted": {a: t.get(f"promotion.{a}.at", "") for a in aliases},
             })
     return rows
-
-
-# -- promotion --------------------------------------------------------------------------------
-DEFAULT_GATES_FILE = Path(__file__).resolve().parents[2] / "mlflow" / "registry.yaml"
-
-
-@dataclass(frozen=True)
-class Gates:
-    """What must hold before an alias may point at a version (from ``mlflow/registry.yaml``)."""
-
-    metrics: Mapping[str, Mapping[str, float]]  # metric -> {"min": x} and/or {"max": y}
-    require_complete_lineage: bool = True
-    require_sites_passed: bool = True
-    verify_artifacts: bool = True
-    source: str = ""  # file the gates came from (recorded as evidence)
-
-
-@dataclass(frozen=True)
-class GateResult:
-    gate: str
-    passed: bool
-    detail: str
-
-
-class PromotionRefused(RuntimeError):
-    """A gate did not hold; the message lists every failed gate on one line."""
-
-    def __init__(self, name: str, version: int, alias: str, results: Sequence[GateResult]) -> None:
-        self.results = list(results)
-        failed = "; ".join(f"{r.gate}: {r.detail}" for r in results if not r.passed)
-        super().__init__(f"refused to set {name}@{alias} -> v{version}: {failed}")
-
-
-def load_gates(name: str, path: str | Path | None = None) -> Gates:
-    """Gates for registered model ``name``: ``default`` overlaid by the first matching ``models`` pattern."""
-    import fnmatch
-
-    import yaml
-
-    p = Path(path) if path else DEFAULT_GATES_FILE
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except FileNotFoundError:
-        raise ValueError(f"{p}: gates file not found") from None
-    except yaml.YAMLError as e:
-        raise ValueError(f"{p}: not valid YAML ({e.__class__.__name__})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{p}: expected a mapping with 'default' and 'models'")
-    merged: dict[str, Any] = dict(data.get("default") or {})
-    for pattern, section in (data.get("models") or {}).items():
-        if fnmatch.fnmatchcase(name, str(pattern)):
-            section = section or {}
-            merged.update({k: v for k, v in section.items() if k != "metrics"})
-            merged["metrics"] = {**(merged.get("metrics") or {}), **(section.get("metrics") or {})}
-            break
-    known = {"metrics", "require_complete_lineage", "require_sites_passed", "verify_artifacts"}
-    if set(merged) - known:
-        raise ValueError(f"{p}: unknown gate key(s) {sorted(set(merged) - known)}")
-    metrics = merged.get("metrics") or {}
-    for m, rule in metrics.items():
-        if not isinstance(rule, dict) or not rule or set(rule) - {"min", "max"}:
-            raise ValueError(f"{p}: metric gate '{m}' must be a mapping with 'min' and/or 'max'")
-    return Gates(metrics={m: {k: float(v) for k, v in r.items()} for m, r in metrics.items()},
-                 require_complete_lineage=bool(merged.get("require_complete_lineage", True)),
-                 require_sites_passed=bool(merged.get("require_sites_passed", True)),
-                 verify_artifacts=bool(merged.get("verify_artifacts", True)), source=str(p))
-
-
-def _metric_results(lin: Lineage | None, gates: Gates) -> list[GateResult]:
-    out = []
-    values = lin.metrics if lin else {}
-    for metric, rule in sorted(gates.metrics.items()):
-        v = values.get(metric)
-        if v is None or not np.isfinite(v):
-            out.append(GateResult(f"metric {metric}", False, "not recorded" if v is None else f"{v} is not finite"))
-            continue
-        bad = [f"{v:.4g} < min {rule['min']:.4g}"] if "min" in rule and v < rule["min"] else []
-        bad += [f"{v:.4g} > max {rule['max']:.4g}"] if "max" in rule and v > rule["max"] else []
-        want = " and ".join(f"{k} {x:.4g}" for k, x in rule.items())
-        out.append(GateResult(f"metric {metric}", not bad, "; ".join(bad) or f"{v:.4g} within {want}"))
-    return out
-
-
-def evaluate_gates(name: str, version: int, gates: Gates) -> list[GateResult]:
-    """Every gate's outcome for one version (nothing is changed)."""
-    from ultrafed.tracking.lineage import chain, chain_problems, verify_links
-
-    links = chain(f"models:/{name}/{version}")
-    head = links[0]
-    results = _metric_results(head.lineage, gates)
-    if gates.require_complete_lineage:
-        problems = chain_problems(links)
-        results.append(GateResult("lineage complete", not problems,
-                                  "; ".join(problems) or f"{len(links)} version(s) back to round 0"))
-    if gates.require_sites_passed:
-        failed = [f"{link.name} v{link.version} site {s}" for link in links if link.lineage
-                  for s in link.lineage.failed_sites()]
-        n_sites = sum(len(link.lineage.sites) for link in links if link.lineage)
-        results.append(GateResult("sites passed quality gates", not failed,
-                                  ("failed: " + ", ".join(failed)) if failed else f"{n_sites} site-rounds passed"))
-    if gates.verify_artifacts:
-        # The version itself and, for a task model, the encoder it was fine-tuned from.
-        own = links[:1] + [link for link in links[1:2] if head.lineage and head.lineage.kind == "task"]
-        bad = [c for c in verify_links(own) if c.failed]
-        results.append(GateResult("artifact checksums", not bad, "; ".join(
-            f"{c.version} {c.what}: {c.detail}" for c in bad) or "all files match their registered sha256"))
-    return results
-
-
-def _who() -> str:
-    import getpass
-    import socket
-
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):
-        user = "unknown"
-    return f"{user}@{socket.gethostname()}"
-
-
-def promote(name: str, version: int, alias: str, *, reason: str, by: str | None = None,
-            gates_path: str | Path | None = None) -> list[GateResult]:
-    """Point ``name@alias`` at ``version`` if every gate holds, recording who/when/why/evidence.
-
-    Raises :class:`PromotionRefused` (listing the failed gates) otherwise; nothing changes then.
-    """
-    if not reason or not reason.strip():
-        raise ValueError("promote: a reason is required (it is recorded for auditors)")
-    gates = load_gates(name, gates_path)
-    results = evaluate_gates(name, int(version), gates)
-    if not all(r.passed for r in results):
-        raise PromotionRefused(name, int(version), alias, results)
-    client = MlflowClient()
-    try:
-        previous = client.get_model_version_by_alias(name, alias).version
-    except MlflowException:
-        previous = ""
-    client.set_registered_model_alias(name, alias, str(version))
-    evidence = {"gates_file": gates.source, "gates": {"metrics": dict(gates.metrics),
-                "require_complete_lineage": gates.require_complete_lineage,
-                "require_sites_passed": gates.require_sites_passed, "verify_artifacts": gates.verify_artifacts},
-                "results": [r.__dict__ for r in results]}
-    p = f"promotion.{alias}."
-    for key, value in {p + "by": by or _who(), p + "reason": reason.strip(),
-                       p + "at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                       p + "previous_version": str(previous), p + "evidence": _tag_value(evidence)}.items():
-        client.set_model_version_tag(name, str(version), key, value)
-    return results

@@ -22,17 +22,11 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from ultrafed.paths import REPO_ROOT, repo_path
+from ultrafed.tracking.names import PARENT_TAG, TAG_CODE_COMMIT, TAG_KIND, TAG_PARAMS_HASH, TAG_ROUND, TAG_SITE
+
 DEFAULT_DB = REPO_ROOT / "mlflow" / "mlflow.db"
 DEFAULT_ARTIFACTS = REPO_ROOT / "mlflow" / "artifacts"
-
-# Tag keys shared by runs and model versions (one spelling everywhere).
-TAG_CODE_COMMIT = "ultrafed.code_commit"
-TAG_PARAMS_HASH = "ultrafed.params_hash"
-TAG_KIND = "ultrafed.kind"  # pretraining | round | site_update | finetune
-TAG_ROUND = "ultrafed.round"
-TAG_SITE = "ultrafed.site"
-PARENT_TAG = "mlflow.parentRunId"  # MLflow's own nesting tag (the UI draws the tree from it)
 
 _artifact_root: str | None = None  # remembered by configure_tracking for ensure_experiment
 
@@ -41,9 +35,7 @@ def _sqlite_path(uri: str) -> Path | None:
     """The database file of a ``sqlite:///`` URI (relative paths are relative to the repo)."""
     if not uri.startswith("sqlite:///"):
         return None
-    raw = uri[len("sqlite:///"):]
-    p = Path(raw)
-    return p if p.is_absolute() else REPO_ROOT / p
+    return repo_path(uri[len("sqlite:///"):])
 
 
 def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
@@ -69,8 +61,7 @@ def _as_location(artifact_root: str) -> str:
     """A plain path (absolute or repo-relative) becomes a ``file://`` URI; URIs pass through."""
     if "://" in artifact_root or artifact_root.startswith("mlflow-artifacts:"):
         return artifact_root
-    p = Path(artifact_root)
-    return (p if p.is_absolute() else REPO_ROOT / p).as_uri()
+    return repo_path(artifact_root).as_uri()
 
 
 @contextlib.contextmanager

@@ -1,5 +1,8 @@
 """Start and stop a local ``mlflow server`` (federation mode) by PID, never by name.
 
+The one launcher of an MLflow server: ``ultrafed federation up`` (``flows/federation.py``) starts
+its server here too.
+
 The server keeps runs and the registry in sqlite and proxies artifacts (``--serve-artifacts``),
 so sites push updates and pull global weights over HTTP without seeing the coordinator's disk.
 It runs in its own session (process group); :func:`stop_server` signals exactly that group.
@@ -19,9 +22,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ultrafed import procs
+from ultrafed.paths import ultrafed_home
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_ROOT = Path(os.environ.get("ULTRAFED_HOME", REPO_ROOT / ".ultrafed")) / "mlflow-server"
 PID_FILE = "server.json"
 LOG_FILE = "server.log"
 
@@ -43,6 +45,11 @@ class ServerHandle:
     @property
     def pid_file(self) -> Path:
         return Path(self.root) / PID_FILE
+
+
+def default_root() -> Path:
+    """``<home>/mlflow-server``: the server's folder when the caller names none (home read now, not at import)."""
+    return ultrafed_home() / "mlflow-server"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -87,7 +94,7 @@ def start_server(root: str | Path | None = None, *, host: str = "127.0.0.1", por
     ``$MLFLOW_AUTH_ADMIN_PASSWORD`` and is passed through the environment, never written.
     Refuses to start a second server on the same ``root`` while the first one is alive.
     """
-    rootp = Path(root) if root else DEFAULT_ROOT
+    rootp = Path(root) if root else default_root()
     rootp.mkdir(parents=True, exist_ok=True)
     existing = read_handle(rootp)
     if existing is not None and _alive(existing):
@@ -140,7 +147,7 @@ def _log_tail(root: Path) -> str:
 
 def read_handle(root: str | Path | None = None) -> ServerHandle | None:
     """The handle recorded in ``<root>/server.json`` (None if there is none or it is unreadable)."""
-    p = (Path(root) if root else DEFAULT_ROOT) / PID_FILE
+    p = (Path(root) if root else default_root()) / PID_FILE
     try:
         return ServerHandle(**json.loads(p.read_text()))
     except (OSError, ValueError, TypeError):
