@@ -164,7 +164,7 @@ class Config:
 
     def to_yaml(self) -> str:
         """The resolved config as a params file (loads back to an equal Config)."""
-        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+        return yaml.dump(self.to_dict(), Dumper=_ParamsDumper, sort_keys=False)
 
     def params_hash(self) -> str:
         """sha256 of what is trained (canonical JSON, without :data:`LOCATION_SECTIONS`): the lineage's params hash."""
@@ -175,6 +175,13 @@ class Config:
     def replace(self, **dotted: Any) -> "Config":
         """A copy with dotted overrides, e.g. ``cfg.replace(**{"model.img_size": 64})``."""
         return from_dict(_merge(self.to_dict(), _unflatten(dotted)))
+
+
+class _ParamsDumper(yaml.SafeDumper):
+    """params.yaml's layout: sections as blocks, lists inline (``betas: [0.9, 0.95]``)."""
+
+
+_ParamsDumper.add_representer(list, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True))
 
 
 class ConfigError(ValueError):
