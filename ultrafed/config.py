@@ -31,6 +31,10 @@ DEFAULT_PARAMS = REPO_ROOT / "params.yaml"
 # trained: the params hash leaves them out, so moving a run's store or data keeps its hash.
 LOCATION_SECTIONS: tuple[str, ...] = ("data", "tracking")
 
+# ultrafed.models.mae.ENCODER_PRESETS' names (a test keeps them equal): validating a config
+# must not import timm, which costs seconds on a small CPU.
+ENCODER_PRESETS: tuple[str, ...] = ("tiny", "small", "base")
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -431,7 +435,6 @@ def _range_problems(flat: Mapping[str, Any]) -> list[str]:
 def _choice_problems(cfg: Config) -> list[str]:
     """Names that must be one of a known set (encoder preset, device)."""
     from ultrafed.engine.device import DEVICE_CHOICES
-    from ultrafed.models.mae import ENCODER_PRESETS
 
     out = []
     for key, value, choices in (("model.preset", cfg.model.preset, tuple(ENCODER_PRESETS)),

@@ -8,6 +8,7 @@ from pathlib import Path
 # load_cfg, parse_overrides and resolve_sites live in common.py; named here too for demo.py,
 # flows/schedule.py and the tests that import them from this module.
 from flows.commands.common import add_config_args, load_cfg, parse_overrides, resolve_sites, tracking_uri
+from ultrafed.config import ENCODER_PRESETS
 
 __all__ = ["add_parser", "load_cfg", "parse_overrides", "resolve_sites", "run"]
 
@@ -19,7 +20,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--data", help="real data folder with busi/ddti/hc18 (e.g. ../shared/data): three sites")
     p.add_argument("--rounds", type=int,
                    help="rounds (default: params federated.rounds); with --resume, the run's new total")
-    p.add_argument("--preset", choices=["tiny", "small", "base"], help="encoder preset")
+    p.add_argument("--preset", choices=ENCODER_PRESETS, help="encoder preset")
     p.add_argument("--strategy", help="aggregation strategy (fedavg, fedavg_uniform, fedprox, fedavgm, fedadam, median, trimmed_mean, qfedavg)")
     p.add_argument("--resume", action="store_true", help="continue the run (default: the latest) from its last completed round")
     p.add_argument("--run-name", help="name of the run folder under .ultrafed/runs")
@@ -30,12 +31,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    cfg = load_cfg(args)  # every check (params, --rounds, sites against min_sites) before any work
+    mode, sites = resolve_sites(args, cfg)
     from flows.pretrain import run_pretrain
     from ultrafed.federated.coordinator import HorizonError, RoundFailed
     from ultrafed.tracking.runs import configure_tracking
 
-    cfg = load_cfg(args)  # every check (params, --rounds, sites against min_sites) before any work
-    mode, sites = resolve_sites(args, cfg)
     if mode == "federation":  # talk to the rehearsal's servers unless the user points elsewhere
         import os
 
