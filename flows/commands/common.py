@@ -61,6 +61,9 @@ def resolve_sites(args: argparse.Namespace, cfg: Config) -> tuple[str, list[dict
     if getattr(args, "sites", None):
         mode, sites = load_sites_file(args.sites)
         check_sites(sites, source=args.sites, min_sites=need)
+        missing = [s for s in sites if s.get("root") and not Path(s["root"]).is_dir()]
+        if missing:
+            raise SitesFileError(f"{args.sites}: site {missing[0]['id']}: root {missing[0]['root']} is not a folder")
         return mode, sites
     if getattr(args, "data", None):
         sites = shared_data_sites(args.data)
