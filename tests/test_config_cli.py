@@ -221,6 +221,19 @@ def test_pretrain_logs_where_the_params_file_says(world: World, capsys, monkeypa
     rc, _, err = cli(["--params", str(params), "pretrain", "--sites", str(world.sites)], capsys)
     assert rc == 0, err
     assert mlflow.get_tracking_uri() == f"sqlite:///{db}" and db.exists()
+    [(_, (cfg, _sites), _kw)] = world.calls
+    assert cfg["tracking"]["tracking_uri"] == f"sqlite:///{db}"
+
+
+def test_env_store_wins_over_the_params_file_and_the_run_records_it(world: World, capsys):
+    import mlflow
+
+    params, db = _params_logging_to(world, "not-this.db")
+    rc, _, err = cli(["--params", str(params), "pretrain", "--sites", str(world.sites)], capsys)
+    assert rc == 0, err
+    assert mlflow.get_tracking_uri() == f"sqlite:///{world.db}" and not db.exists()
+    [(_, (cfg, _sites), _kw)] = world.calls
+    assert cfg["tracking"]["tracking_uri"] == f"sqlite:///{world.db}"
 
 
 def test_finetune_logs_where_the_params_file_says_and_refuses_bad_values(world: World, capsys, monkeypatch):

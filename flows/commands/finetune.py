@@ -49,7 +49,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"ultrafed finetune: --encoder-from {args.encoder_from}: no model_uri to read "
                   f"({type(e).__name__}: {e})", file=sys.stderr)
             return 2
-    configure_tracking(tracking_uri(args, cfg))
+    uri = tracking_uri(args, cfg)
+    configure_tracking(uri)
+    cfg = cfg.replace(**{"tracking.tracking_uri": uri})  # the run's params say where it logs (not in its hash)
     out = finetune_and_register(cfg.to_dict(), args.task, str(root), encoder, evaluate_test=args.test, progress=True)
     summary = {k: out[k] for k in ("task", "val", "test", "model_uri", "wall_s")}
     print(json.dumps(summary, indent=2, default=float))

@@ -46,7 +46,9 @@ def run(args: argparse.Namespace) -> int:
             os.environ.setdefault(k, v)
         if "PREFECT_API_URL" not in os.environ:
             raise SystemExit("ultrafed: federation mode needs PREFECT_API_URL (or `ultrafed federation up`)")
-    configure_tracking(tracking_uri(args, cfg))
+    uri = tracking_uri(args, cfg)
+    configure_tracking(uri)
+    cfg = cfg.replace(**{"tracking.tracking_uri": uri})  # the run's params say where it logs (not in its hash)
     try:
         out = run_pretrain(cfg.to_dict(), sites, mode=mode, rounds=args.rounds, resume=args.resume, run_name=args.run_name)
     except RoundFailed as e:
