@@ -49,14 +49,13 @@ def command_name(args: argparse.Namespace) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from ultrafed.config import ConfigError
-    from ultrafed.federated.sitesfile import SitesFileError
+    from ultrafed.config import ConfigError  # SitesFileError is one too
 
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, SitesFileError) as e:  # checked before any work: one line, exit 2
+    except ConfigError as e:  # params, --set or sites checked before any work: one line, exit 2
         print(f"ultrafed {command_name(args)}: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

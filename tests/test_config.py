@@ -144,9 +144,17 @@ def test_missing_and_folder_params_file(tmp_path: Path):
         load_config(tmp_path)
 
 
-def test_empty_params_file_is_the_defaults(tmp_path: Path):
+def test_empty_params_file_or_section_is_the_defaults(tmp_path: Path):
     (tmp_path / "p.yaml").write_text("# nothing set\n")
     assert load_config(tmp_path / "p.yaml") == Config()
+    (tmp_path / "q.yaml").write_text("model:\n  # img_size: 64\nseed: 3\n")
+    assert load_config(tmp_path / "q.yaml") == Config(seed=3)
+
+
+def test_yaml_anchors_and_merge_keys_still_load(tmp_path: Path):
+    (tmp_path / "p.yaml").write_text("pretrain: &pre {batch_size: 8}\nfinetune:\n  <<: {batch_size: 4, epochs: 9}\n  epochs: 2\n")
+    cfg = load_config(tmp_path / "p.yaml")
+    assert cfg.pretrain.batch_size == 8 and cfg.finetune.batch_size == 4 and cfg.finetune.epochs == 2
 
 
 # -- ranges -------------------------------------------------------------------------------------

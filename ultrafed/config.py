@@ -315,6 +315,8 @@ def _scalar(value: Any) -> Any:
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     """``value`` as the type ``hint`` of field ``key``, or a ConfigError naming the key."""
     if dataclasses.is_dataclass(hint):
+        if value is None:  # a section whose keys are all commented out: its defaults
+            value = {}
         if not isinstance(value, Mapping):
             raise _bad(key, "a mapping of keys", value)
         return _build(hint, value, key)

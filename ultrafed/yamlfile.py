@@ -23,6 +23,8 @@ class _StrictLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # ``<<``: keys written after it override on purpose
+                continue
             key = self.construct_object(key_node, deep=deep)
             try:
                 dup = key in seen

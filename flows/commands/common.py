@@ -2,7 +2,7 @@
 
 Everything here runs before any work starts, so a bad value, a malformed sites.yaml or a
 site list that cannot run the config stops the command with one line (``flows/cli.py`` turns
-:class:`ConfigError` and :class:`SitesFileError` into exit code 2), not after every site trained.
+:class:`ConfigError`, and its subclass ``SitesFileError``, into exit code 2), not after every site trained.
 """
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from ultrafed.config import Config, ConfigError, load_config, parse_overrides, validate
-from ultrafed.federated.sitesfile import SitesFileError, check_sites
 
 __all__ = ["add_config_args", "federation_env", "load_cfg", "parse_overrides", "resolve_sites", "tracking_uri"]
 
@@ -55,7 +54,8 @@ def resolve_sites(args: argparse.Namespace, cfg: Config) -> tuple[str, list[dict
     """(mode, sites) from --sites / --data, else the synthetic cohort (made on first use),
     checked against the config (``federated.min_sites``, ids, roots) before anything is made."""
     from ultrafed.config import REPO_ROOT
-    from ultrafed.federated.sitesfile import cohort_sites, load_sites_file, shared_data_sites
+    from ultrafed.federated.sitesfile import (SitesFileError, check_sites, cohort_sites, load_sites_file,
+                                              shared_data_sites)
 
     need = cfg.federated.min_sites
     if getattr(args, "sites", None):

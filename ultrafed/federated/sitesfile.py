@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
+from ultrafed.config import ConfigError
 from ultrafed.yamlfile import read_yaml_mapping
 
 SITE_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")
@@ -21,8 +22,10 @@ _TOP_KEYS = ("mode", "sites")
 _SITE_KEYS = ("id", "root")
 
 
-class SitesFileError(ValueError):
-    """sites.yaml is malformed, or its sites cannot run this config; the message names the file and the problem."""
+class SitesFileError(ConfigError):
+    """sites.yaml is malformed, or its sites cannot run this config; the message names the file and the problem.
+
+    A ConfigError: the sites are part of a run's configuration, and the CLI reports both alike."""
 
 
 def load_sites_file(path: str | Path) -> tuple[str, list[dict[str, Any]]]:
