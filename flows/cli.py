@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
-from typing import Sequence
+from typing import NoReturn, Sequence
 
 import flows  # noqa: F401  (runtime env before Prefect/MLflow imports)
 
 # command name -> module in flows/commands that defines add_parser(subparsers) and run(args)
 COMMANDS: dict[str, str] = {
+    "config": "flows.commands.config",
     "data": "flows.commands.data",
     "pretrain": "flows.commands.pretrain",
     "federation": "flows.commands.federation",
@@ -25,8 +27,15 @@ COMMANDS: dict[str, str] = {
 }
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr (``ultrafed pretrain: --rounds: ...``), exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ultrafed", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="ultrafed", description=__doc__.splitlines()[0])
     parser.add_argument("--params", default=None, help="params.yaml to use (default: the repo's)")
     sub = parser.add_subparsers(dest="command", required=True)
     for module in dict.fromkeys(COMMANDS.values()):
@@ -34,11 +43,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def command_name(args: argparse.Namespace) -> str:
+    """``data synth``, ``federation up``, ``pretrain``: how messages name the command."""
+    parts = [args.command, getattr(args, "data_command", None), getattr(args, "federation_command", None)]
+    return " ".join(p for p in parts if p)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from ultrafed.config import ConfigError  # SitesFileError is one too
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except ConfigError as e:  # params, --set or sites checked before any work: one line, exit 2
+        print(f"ultrafed {command_name(args)}: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # `ultrafed config | head`: the reader left; no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit-time flush cannot fail again
+        return 1
     except KeyboardInterrupt:
         print("ultrafed: interrupted", file=sys.stderr)
         return 130

@@ -32,15 +32,11 @@ def add_parser(dsub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import time
 
-    from ultrafed.config import ConfigError, load_config
+    from flows.commands.common import load_cfg
     from ultrafed.data.sites import load_site
     from ultrafed.data.synth import LABELS, make_cohort
 
-    try:
-        cfg = load_config(args.params)
-    except ConfigError as e:
-        print(f"ultrafed data synth: {e}", file=sys.stderr)
-        return 2
+    cfg = load_cfg(args)  # a bad params file: one line, exit 2 (flows/cli.py)
     out = args.out or cfg.data.root
     sites = args.sites if args.sites is not None else cfg.synth.sites
     per_site = args.per_site if args.per_site is not None else cfg.synth.per_site

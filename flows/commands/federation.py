@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -18,8 +19,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run_up(args: argparse.Namespace) -> int:
     from flows import federation
-    from flows.commands.pretrain import load_cfg, resolve_sites
+    from flows.commands.common import load_cfg, resolve_sites
 
+    if args.sites < 1:
+        print(f"ultrafed federation up: --sites must be >= 1, got {args.sites}", file=sys.stderr)
+        return 2
     cfg = load_cfg(argparse.Namespace(params=args.params, set=[]))
     _, sites = resolve_sites(argparse.Namespace(sites=None, data=args.data), cfg)
     sites = sites if args.data else sites[: args.sites]
@@ -53,15 +57,3 @@ def run_status(args: argparse.Namespace) -> int:
         print(f"{name:<20} pid {pid:<8} {'running' if name in st['running'] else 'STOPPED'}")
     print(f"prefect: {st['info']['prefect_api_url']}\nmlflow:  {st['info']['mlflow_tracking_uri']}")
     return 0 if len(st["running"]) == len(st["info"]["pids"]) else 1
-
-
-def federation_env() -> dict[str, str]:
-    """PREFECT_API_URL and MLFLOW_TRACKING_URI of the running rehearsal (for federation-mode rounds)."""
-    from flows import federation
-
-    st = federation.status()
-    if st["info"] is None:
-        return {}
-    return {"PREFECT_API_URL": st["info"]["prefect_api_url"], "MLFLOW_TRACKING_URI": st["info"]["mlflow_tracking_uri"]}
-
-

@@ -4,7 +4,13 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+
+# load_cfg, parse_overrides and resolve_sites live in common.py; named here too for demo.py,
+# flows/schedule.py and the tests that import them from this module.
+from flows.commands.common import add_config_args, load_cfg, parse_overrides, resolve_sites, tracking_uri
+from ultrafed.config import ENCODER_PRESETS
+
+__all__ = ["add_parser", "load_cfg", "parse_overrides", "resolve_sites", "run"]
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -14,81 +20,35 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--data", help="real data folder with busi/ddti/hc18 (e.g. ../shared/data): three sites")
     p.add_argument("--rounds", type=int,
                    help="rounds (default: params federated.rounds); with --resume, the run's new total")
-    p.add_argument("--preset", choices=["tiny", "small", "base"], help="encoder preset")
+    p.add_argument("--preset", choices=ENCODER_PRESETS, help="encoder preset")
     p.add_argument("--strategy", help="aggregation strategy (fedavg, fedavg_uniform, fedprox, fedavgm, fedadam, median, trimmed_mean, qfedavg)")
     p.add_argument("--resume", action="store_true", help="continue the run (default: the latest) from its last completed round")
     p.add_argument("--run-name", help="name of the run folder under .ultrafed/runs")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or the embedded store)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else params tracking.tracking_uri)")
     p.add_argument("--metrics-out", help="write the final model URI and metrics as JSON (for dvc metrics)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a params.yaml value, e.g. --set model.img_size=64 (YAML value)")
+    add_config_args(p)
     p.set_defaults(func=run)
 
 
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    import yaml
-
-    out: dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise SystemExit(f"ultrafed: --set expects KEY=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v)
-    return out
-
-
-def resolve_sites(args: argparse.Namespace, cfg) -> tuple[str, list[dict]]:
-    """(mode, sites) from --sites / --data, else the synthetic cohort (made on first use)."""
-    from ultrafed.config import REPO_ROOT
-    from ultrafed.federated.sitesfile import cohort_sites, load_sites_file, shared_data_sites
-
-    if getattr(args, "sites", None):
-        return load_sites_file(args.sites)
-    if getattr(args, "data", None):
-        sites = shared_data_sites(args.data)
-        if not sites:
-            raise SystemExit(f"ultrafed: {args.data}: no busi/ddti/hc18 folders with labels.csv")
-        return "embedded", sites
-    root = Path(cfg.data.root)
-    root = root if root.is_absolute() else REPO_ROOT / root
-    if not cohort_sites(root):
-        from ultrafed.data.synth import make_cohort
-
-        print(f"making the synthetic cohort in {root} ({cfg.synth.sites} sites x {cfg.synth.per_site} images)")
-        make_cohort(root, cfg.synth.sites, cfg.synth.per_site, cfg.synth.seed, cfg.synth.size)
-    return "embedded", cohort_sites(root)
-
-
-def load_cfg(args: argparse.Namespace):
-    from ultrafed.config import load_config
-
-    over = parse_overrides(getattr(args, "set", []))
-    if getattr(args, "preset", None):
-        over["model.preset"] = args.preset
-    if getattr(args, "strategy", None):
-        over["federated.strategy"] = args.strategy
-    if getattr(args, "tracking_uri", None):
-        over["tracking.tracking_uri"] = args.tracking_uri
-    return load_config(args.params, over)
-
-
 def run(args: argparse.Namespace) -> int:
+    cfg = load_cfg(args)  # every check (params, --rounds, sites against min_sites) before any work
+    mode, sites = resolve_sites(args, cfg)
     from flows.pretrain import run_pretrain
     from ultrafed.federated.coordinator import HorizonError, RoundFailed
     from ultrafed.tracking.runs import configure_tracking
 
-    cfg = load_cfg(args)
-    mode, sites = resolve_sites(args, cfg)
     if mode == "federation":  # talk to the rehearsal's servers unless the user points elsewhere
         import os
 
-        from flows.commands.federation import federation_env
+        from flows.commands.common import federation_env
 
         for k, v in federation_env().items():
             os.environ.setdefault(k, v)
         if "PREFECT_API_URL" not in os.environ:
             raise SystemExit("ultrafed: federation mode needs PREFECT_API_URL (or `ultrafed federation up`)")
-    configure_tracking(args.tracking_uri)
+    uri = tracking_uri(args, cfg)
+    configure_tracking(uri)
+    cfg = cfg.replace(**{"tracking.tracking_uri": uri})  # the run's params say where it logs (not in its hash)
     try:
         out = run_pretrain(cfg.to_dict(), sites, mode=mode, rounds=args.rounds, resume=args.resume, run_name=args.run_name)
     except RoundFailed as e:

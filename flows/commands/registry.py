@@ -42,16 +42,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _configure(args: argparse.Namespace) -> str:
-    import os
-
+    from flows.commands.common import tracking_uri
     from ultrafed.tracking.runs import configure_tracking
 
-    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if not uri:
-        from ultrafed.config import load_config
-
-        uri = load_config(args.params).tracking.tracking_uri
-    return configure_tracking(uri)
+    return configure_tracking(tracking_uri(args))
 
 
 def _fmt_metrics(m: dict, limit: int = 4) -> str:

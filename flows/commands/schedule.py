@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from flows.commands.common import add_config_args
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("schedule", help="create/update a cron-scheduled deployment that adds rounds to one run",
@@ -20,22 +22,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", default="scheduled", help="deployment name = run folder name (default: scheduled)")
     p.add_argument("--pool", default=None, help="process work pool (default: ultrafed-coordinator; created if missing)")
     p.add_argument("--timezone", default=None, help="IANA time zone of the cron expression (default: UTC)")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI the runs use (default: $MLFLOW_TRACKING_URI or the embedded store)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a params.yaml value for every scheduled run, e.g. --set model.img_size=64")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI the runs use (default: $MLFLOW_TRACKING_URI, "
+                                          "else params tracking.tracking_uri)")
+    add_config_args(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from flows.commands.pretrain import parse_overrides
-    from ultrafed.config import ConfigError, load_config
-    from ultrafed.federated.sitesfile import SitesFileError, load_sites_file
+    from flows.commands.common import load_cfg, parse_overrides, tracking_uri
+    from ultrafed.config import ConfigError
+    from ultrafed.federated.sitesfile import SitesFileError, check_sites, load_sites_file
 
-    overrides = parse_overrides(args.set)
-    try:  # fail now, not at 2 am: the params, overrides and sites file must load
-        cfg = load_config(args.params, overrides)
+    try:  # fail now, not at 2 am: the params, overrides and sites file must load and fit together
+        overrides = parse_overrides(args.set)
+        cfg = load_cfg(args)
         if args.sites:
-            load_sites_file(args.sites)
+            check_sites(load_sites_file(args.sites)[1], source=args.sites, min_sites=cfg.federated.min_sites)
     except (ConfigError, SitesFileError) as e:
         raise SystemExit(f"ultrafed schedule: {e}") from None
     from flows.schedule import DEFAULT_POOL, ScheduleError, deploy_schedule, planned_total
@@ -45,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         total = planned_total(cfg, args.total_rounds)
         deployment_id = deploy_schedule(cron=args.cron, rounds_per_run=args.rounds_per_run, name=args.name,
                                         sites_file=args.sites, params_file=args.params, overrides=overrides,
-                                        pool=pool, timezone=args.timezone, tracking_uri=args.tracking_uri,
+                                        pool=pool, timezone=args.timezone, tracking_uri=tracking_uri(args, cfg),
                                         total_rounds=total)
     except ScheduleError as e:
         raise SystemExit(f"ultrafed schedule: {e}") from None

@@ -184,7 +184,8 @@ def test_random_resized_crop():
 def test_dataset_from_config(records, tiny_cfg):
     ds = dataset_from_config(records, tiny_cfg)
     assert ds.img_size == 64 and ds.smat == tiny_cfg.ultramim.smat.enabled
-    assert ds.mic == {k: getattr(tiny_cfg.ultramim.mic, k) for k in ("p", "p_each", "motion_kernel", "gauss_sigma", "sp_amount")}
+    assert ds.mic == {k: getattr(tiny_cfg.ultramim.mic, k)
+                      for k in ("p", "p_each", "motion_kernel", "gauss_sigma", "sp_amount", "ref_size")}
     assert ds.smat_geometry.angle_deg == tiny_cfg.ultramim.smat.angle_deg
     off = dataset_from_config(records, tiny_cfg.replace(**{"ultramim.mic.enabled": False, "ultramim.smat.enabled": False}))
     assert off.mic is None and len(off) == len(records)

@@ -97,9 +97,9 @@ def test_seeded_determinism_numpy_and_torch():
     assert not torch.equal(first, corrupt(t, g1, p=1.0))  # the torch generator advanced
 
 
-def _motion_only(img: np.ndarray) -> np.ndarray:
+def _motion_only(img: np.ndarray, ref_size: int = 224) -> np.ndarray:
     for seed in range(100):  # p_each=0 forces exactly one corruption; take the first motion blur
-        out, ops = corrupt_ops(img, np.random.default_rng(seed), p=1.0, p_each=0.0)
+        out, ops = corrupt_ops(img, np.random.default_rng(seed), p=1.0, p_each=0.0, ref_size=ref_size)
         if ops == ("motion_blur",):
             return out
     raise AssertionError("motion blur never chosen alone")
@@ -134,8 +134,23 @@ def test_bad_arguments_raise():
 
 
 def test_config_fields_map_one_to_one():
-    fields = {f.name for f in dataclasses.fields(MICConfig)} - {"enabled"}
-    params = set(inspect.signature(corrupt).parameters) - {"img", "generator"}
-    assert fields == params
-    kwargs = {k: v for k, v in dataclasses.asdict(MICConfig()).items() if k != "enabled"}
+    """Every MICConfig field but ``enabled`` reaches corrupt() through mic_kwargs, the mapping
+    training uses, with its own value (non-default values, so a dropped key shows)."""
+    from ultrafed.data.datasets import mic_kwargs
+
+    cfg = MICConfig(p=0.3, p_each=0.4, motion_kernel=9, gauss_sigma=0.7, sp_amount=0.02, ref_size=96)
+    kwargs = mic_kwargs(cfg)
+    assert set(kwargs) == set(inspect.signature(corrupt).parameters) - {"img", "generator"}
+    assert kwargs == {k: v for k, v in dataclasses.asdict(cfg).items() if k != "enabled"}
+    assert mic_kwargs(MICConfig(enabled=False)) is None
     assert corrupt(_img_u8(), np.random.default_rng(0), **kwargs).shape == (64, 80)
+
+
+def test_ref_size_sets_the_blur_length():
+    """The same image blurred with ref_size = its own size gets the full 24-px kernel; at ref 224 a
+    112-px image gets about half of it."""
+    img = np.zeros((112, 112), np.float32)
+    img[56, 56] = 1.0
+    own = _motion_only(img, ref_size=112)
+    paper = _motion_only(img, ref_size=224)
+    assert np.count_nonzero(own > 1e-4) > 1.6 * np.count_nonzero(paper > 1e-4)

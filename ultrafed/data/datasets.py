@@ -165,7 +165,7 @@ def mic_kwargs(mic_cfg: Any) -> dict[str, Any] | None:
     if not mic_cfg.enabled:
         return None
     return {"p": mic_cfg.p, "p_each": mic_cfg.p_each, "motion_kernel": mic_cfg.motion_kernel,
-            "gauss_sigma": mic_cfg.gauss_sigma, "sp_amount": mic_cfg.sp_amount}
+            "gauss_sigma": mic_cfg.gauss_sigma, "sp_amount": mic_cfg.sp_amount, "ref_size": mic_cfg.ref_size}
 
 
 def dataset_from_config(records: Sequence[Any], cfg: Any, seed: int | None = None) -> UltraMIMDataset:

@@ -11,48 +11,86 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
-import yaml
+from ultrafed.config import ConfigError
+from ultrafed.yamlfile import read_yaml_mapping
 
 SITE_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")
+MODES = ("embedded", "federation")
+_TOP_KEYS = ("mode", "sites")
+_SITE_KEYS = ("id", "root")
 
 
-class SitesFileError(ValueError):
-    """sites.yaml is malformed; the message names the file and the problem."""
+class SitesFileError(ConfigError):
+    """sites.yaml is malformed, or its sites cannot run this config; the message names the file and the problem.
+
+    A ConfigError: the sites are part of a run's configuration, and the CLI reports both alike."""
 
 
 def load_sites_file(path: str | Path) -> tuple[str, list[dict[str, Any]]]:
     """Return (mode, sites); embedded roots are resolved relative to the file."""
     p = Path(path)
-    try:
-        doc = yaml.safe_load(p.read_text()) or {}
-    except FileNotFoundError:
-        raise SitesFileError(f"{p}: sites file not found") from None
-    except yaml.YAMLError as e:
-        raise SitesFileError(f"{p}: not valid YAML ({type(e).__name__})") from None
+    doc = read_yaml_mapping(p, "sites file", SitesFileError)
+    unknown = sorted(str(k) for k in doc if k not in _TOP_KEYS)
+    if unknown:
+        raise SitesFileError(f"{p}: unknown key(s) {unknown} at the top (allowed: {', '.join(_TOP_KEYS)})")
     mode = doc.get("mode", "embedded")
-    if mode not in ("embedded", "federation"):
+    if mode not in MODES:
         raise SitesFileError(f"{p}: mode must be 'embedded' or 'federation', got {mode!r}")
-    sites = []
-    for i, s in enumerate(doc.get("sites") or []):
-        sid = str(s.get("id", "")) if isinstance(s, dict) else str(s)
-        if not SITE_ID.match(sid):
-            raise SitesFileError(f"{p}: site #{i + 1} id {sid!r} must be lowercase letters, digits, - or _")
-        site: dict[str, Any] = {"id": sid}
-        if mode == "embedded":
-            root = s.get("root") if isinstance(s, dict) else None
-            if not root:
-                raise SitesFileError(f"{p}: site {sid} needs a 'root' in embedded mode")
-            site["root"] = str((p.parent / root).resolve())
-        elif isinstance(s, dict) and "root" in s:
-            raise SitesFileError(f"{p}: site {sid} has a 'root' in federation mode; the coordinator must not know it")
-        sites.append(site)
+    entries = doc.get("sites") or []
+    if not isinstance(entries, list):
+        raise SitesFileError(f"{p}: 'sites' must be a list of sites (- id: ...), got {type(entries).__name__}")
+    sites = [_site(p, i, s, mode) for i, s in enumerate(entries)]
     if not sites:
         raise SitesFileError(f"{p}: no sites listed")
-    if len({s["id"] for s in sites}) != len(sites):
-        raise SitesFileError(f"{p}: duplicate site ids")
+    check_sites(sites, source=p)
     return mode, sites
+
+
+def _site(p: Path, i: int, entry: Any, mode: str) -> dict[str, Any]:
+    """One ``sites:`` entry (a mapping, or a bare id in federation mode) as ``{"id", ["root"]}``."""
+    if isinstance(entry, dict):
+        extra = sorted(str(k) for k in entry if k not in _SITE_KEYS)
+        if extra:
+            raise SitesFileError(f"{p}: site #{i + 1} has unknown key(s) {extra} (allowed: {', '.join(_SITE_KEYS)})")
+        sid = entry.get("id")
+    elif isinstance(entry, (str, int)) and not isinstance(entry, bool):
+        sid = entry
+    else:
+        raise SitesFileError(f"{p}: site #{i + 1} must be a mapping with 'id' (and 'root'), got {entry!r}")
+    sid = "" if sid is None else str(sid)
+    if not SITE_ID.match(sid):
+        raise SitesFileError(f"{p}: site #{i + 1} id {sid!r} must be lowercase letters, digits, - or _")
+    site: dict[str, Any] = {"id": sid}
+    root = entry.get("root") if isinstance(entry, dict) else None
+    if mode == "embedded":
+        if not root or not isinstance(root, str):
+            raise SitesFileError(f"{p}: site {sid} needs a 'root' folder in embedded mode")
+        site["root"] = str((p.parent / root).resolve())
+    elif root is not None:
+        raise SitesFileError(f"{p}: site {sid} has a 'root' in federation mode; the coordinator must not know it")
+    return site
+
+
+def check_sites(sites: Sequence[dict[str, Any]], *, source: str | Path, min_sites: int | None = None) -> None:
+    """Refuse sites that would train wrongly: an id twice, one data folder under two ids (its
+    images counted twice), or fewer sites than ``federated.min_sites`` (no round could aggregate)."""
+    seen: set[str] = set()
+    roots: dict[str, str] = {}  # resolved root -> the first site id that has it
+    for s in sites:
+        if s["id"] in seen:
+            raise SitesFileError(f"{source}: duplicate site id {s['id']!r}")
+        seen.add(s["id"])
+        if s.get("root"):
+            real = str(Path(s["root"]).resolve())
+            if real in roots:
+                raise SitesFileError(f"{source}: sites {roots[real]} and {s['id']} have the same root {real} "
+                                     f"(its images would count twice)")
+            roots[real] = s["id"]
+    if min_sites is not None and len(sites) < min_sites:
+        raise SitesFileError(f"{source}: {len(sites)} site(s) but federated.min_sites is {min_sites}; "
+                             f"no round could aggregate (lower federated.min_sites or add sites)")
 
 
 def cohort_sites(root: str | Path) -> list[dict[str, Any]]:
