@@ -18,6 +18,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def needs_synth_stage(args: argparse.Namespace, cfg, root: str | Path, repo: Path) -> bool:
+    """Whether the demo should make its cohort with the ``synth`` stage: it reads the synthetic
+    cohort at ``repo/data/synth``, which does not exist yet, with the synth section of the repo's
+    params.yaml (no ``--params`` file or ``--set`` that changes it)."""
+    from ultrafed.config import load_config
+    from ultrafed.federated.sitesfile import cohort_sites
+
+    return (not (args.data or args.sites) and Path(root).resolve() == (repo / SYNTH_OUT).resolve()
+            and cfg.synth == load_config(repo / "params.yaml").synth and not cohort_sites(root))
+
+
 def synth_stage(repo: Path) -> bool:
     """Make the default cohort as dvc.yaml's ``synth`` stage (``dvc repro synth`` in ``repo``), so
     that dvc.lock records it and ``dvc status`` calls it up to date. False, with the reason
@@ -47,16 +58,14 @@ def run(args: argparse.Namespace) -> int:
 
     from flows.commands.pretrain import load_cfg, resolve_sites
     from flows.pipeline import pipeline
-    from ultrafed.config import REPO_ROOT, load_config
-    from ultrafed.federated.sitesfile import cohort_sites
+    from ultrafed.config import REPO_ROOT
     from ultrafed.tracking.runs import configure_tracking
 
     cfg = load_cfg(args)
     configure_tracking(args.tracking_uri)
     root = cfg.data.root if os.path.isabs(cfg.data.root) else str(REPO_ROOT / cfg.data.root)
-    if (not (args.data or args.sites) and Path(root).resolve() == (REPO_ROOT / SYNTH_OUT).resolve()
-            and cfg.synth == load_config().synth and not cohort_sites(root)):
-        synth_stage(REPO_ROOT)  # the cohort the stage makes: the repo's params.yaml, no override
+    if needs_synth_stage(args, cfg, root, REPO_ROOT):
+        synth_stage(REPO_ROOT)  # else (or where DVC cannot) resolve_sites writes the cohort
     mode, sites = resolve_sites(args, cfg)
     if args.data:
         tasks = [("busi-cls", args.data), ("busi-seg", args.data), ("ddti-seg", args.data), ("hc18-seg", args.data)]

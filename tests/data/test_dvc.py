@@ -256,3 +256,26 @@ def test_demo_leaves_the_cohort_to_resolve_sites_without_dvc(tmp_path, capsys):
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")  # a dvc.yaml but no .dvc/
     assert not synth_stage(tmp_path)
     assert not (tmp_path / "data").exists() and capsys.readouterr().out == ""
+
+
+def test_demo_uses_the_synth_stage_only_for_the_cohort_that_stage_makes(tmp_path):
+    """The stage makes data/synth from the repo's params.yaml: the demo runs it only where it would
+    make exactly that cohort itself (none yet, no real data, no other synth params or data.root)."""
+    from argparse import Namespace
+
+    from flows.commands.demo import needs_synth_stage
+    from ultrafed.config import load_config
+
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+
+    def needs(*, data=None, sites=None, **over) -> bool:
+        cfg = load_config(tmp_path / "params.yaml", over)
+        args = Namespace(data=data, sites=sites)
+        return needs_synth_stage(args, cfg, tmp_path / cfg.data.root, tmp_path)
+
+    assert needs()
+    assert not needs(**{"synth.seed": 5}) and not needs(**{"synth.per_site": 4})
+    assert not needs(**{"data.root": "data/sites"})
+    assert not needs(data=str(tmp_path / "shared")) and not needs(sites="sites.yaml")
+    (tmp_path / "data" / "synth" / "site-0").mkdir(parents=True)  # a cohort is there: use it
+    assert not needs()
