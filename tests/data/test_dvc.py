@@ -212,7 +212,7 @@ def test_fresh_clone_plans_the_whole_chain(tmp_path):
 @pytest.mark.xfail(strict=True, raises=AssertionError,
                    reason="DVC 3.67.1: a dry run looks each stage up in the run cache, which hashes its "
                           "deps, so it stops at the first stage whose deps an earlier stage makes "
-                          "(fixed on DVC's main branch, not released). When this passes, plain "
+                          "(fixed in DVC's source after 3.67.1, not yet released). When this passes, plain "
                           "`dvc repro --dry` works: say so in docs/DATA.md and dvc.yaml, drop the xfail")
 def test_plain_dry_run_on_a_fresh_clone(tmp_path):
     repo = _fresh_clone(tmp_path / "repo")
