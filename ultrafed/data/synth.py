@@ -372,7 +372,9 @@ def make_site(folder: str | Path, site_index: int, n_images: int, seed: int, siz
 def make_cohort(out: str | Path, sites: int, per_site: int, seed: int, size: int = 128,
                 progress: Callable[[str], None] | None = print) -> list[Path]:
     """Write ``out/site-<k>`` for k < ``sites`` (images/, masks/, labels.csv with
-    id,label,probe,split,height,width); the same arguments give byte-identical files."""
+    id,label,probe,split,height,width); the same arguments give byte-identical files on the same
+    machine. Another CPU may round a few pixels differently (NumPy and OpenCV pick float kernels
+    by CPU features: docs/DATA.md, DVC), so no hash of a cohort is pinned anywhere."""
     if sites < 1 or per_site < 1:
         raise ValueError(f"need sites >= 1 and per_site >= 1, got sites={sites}, per_site={per_site}")
     if seed < 0:
