@@ -18,7 +18,6 @@ from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.round import federated_round, manifest_paths
-from flows.settings import REPO_ROOT
 from ultrafed.config import Config
 from ultrafed.federated.round import RoundInputs, RoundRecord
 
@@ -38,7 +37,9 @@ def _limit_malloc_arenas() -> None:
 
 
 def runs_home() -> Path:
-    return Path(os.environ.get("ULTRAFED_HOME", REPO_ROOT / ".ultrafed")) / "runs"
+    from ultrafed.paths import ultrafed_home
+
+    return ultrafed_home() / "runs"
 
 
 def resolve_run_dir(run_name: str | None, resume: bool) -> Path:

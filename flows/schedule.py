@@ -15,7 +15,6 @@ runs lives only as long as one command and has no scheduler.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import urllib.request
@@ -80,9 +79,9 @@ def scheduled_pretrain(sites_file: str | None, rounds_per_run: int, run_name: st
     ``total_rounds`` (None in deployments made before it existed: no cap, the config's horizon)
     is the run's LR horizon and its last round.
     """
-    from flows.commands.pretrain import resolve_sites
     from ultrafed.config import load_config
     from ultrafed.federated.coordinator import load_latest
+    from ultrafed.federated.sitesfile import resolve_sites
     from ultrafed.tracking.registry import latest_version
     from ultrafed.tracking.runs import configure_tracking
 
@@ -99,7 +98,7 @@ def scheduled_pretrain(sites_file: str | None, rounds_per_run: int, run_name: st
         return {"run_name": run_name, "rounds_before": done, "rounds_after": done,
                 "model_uri": st.history[-1]["model_uri"], "version": st.registered_version,
                 "run_dir": str(runs_home() / run_name)}
-    mode, sites = resolve_sites(argparse.Namespace(sites=sites_file, data=None), cfg)
+    mode, sites = resolve_sites(cfg, sites_file=sites_file)
     configure_tracking(tracking_uri)
     reg = latest_version(cfg.tracking.registered_model)
     if st is not None and reg is not None and reg.version != st.registered_version:

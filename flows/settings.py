@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ultrafed.paths import REPO_ROOT, ultrafed_home  # noqa: F401  (REPO_ROOT: flows/pretrain.py imports it from here)
+from ultrafed.paths import ultrafed_home
 
 
 def apply_runtime_env(state_dir: Path | None = None) -> None:

@@ -24,7 +24,7 @@ import yaml
 
 from ultrafed.yamlfile import read_yaml_mapping
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from ultrafed.paths import REPO_ROOT  # noqa: E402  (re-exported for callers of ultrafed.config)
 DEFAULT_PARAMS = REPO_ROOT / "params.yaml"
 
 # Sections that say where things are (data folders, the MLflow store and names), not what is

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import os
-from pathlib import Path
 from typing import Any
 
 from ultrafed.config import Config, ConfigError, load_config, parse_overrides, validate
@@ -51,39 +50,10 @@ def tracking_uri(args: argparse.Namespace, cfg: Config | None = None) -> str:
 
 
 def resolve_sites(args: argparse.Namespace, cfg: Config) -> tuple[str, list[dict[str, Any]]]:
-    """(mode, sites) from --sites / --data, else the synthetic cohort (made on first use),
-    checked against the config (``federated.min_sites``, ids, roots) before anything is made."""
-    from ultrafed.config import REPO_ROOT
-    from ultrafed.federated.sitesfile import (SitesFileError, check_sites, cohort_sites, load_sites_file,
-                                              shared_data_sites)
+    """(mode, sites) from --sites / --data, else the synthetic cohort: :func:`ultrafed.federated.sitesfile.resolve_sites`."""
+    from ultrafed.federated.sitesfile import resolve_sites as resolve
 
-    need = cfg.federated.min_sites
-    if getattr(args, "sites", None):
-        mode, sites = load_sites_file(args.sites)
-        check_sites(sites, source=args.sites, min_sites=need)
-        missing = [s for s in sites if s.get("root") and not Path(s["root"]).is_dir()]
-        if missing:
-            raise SitesFileError(f"{args.sites}: site {missing[0]['id']}: root {missing[0]['root']} is not a folder")
-        return mode, sites
-    if getattr(args, "data", None):
-        sites = shared_data_sites(args.data)
-        if not sites:
-            raise SitesFileError(f"{args.data}: no busi/ddti/hc18 folders with labels.csv")
-        check_sites(sites, source=args.data, min_sites=need)
-        return "embedded", sites
-    root = Path(cfg.data.root)
-    root = root if root.is_absolute() else REPO_ROOT / root
-    if not cohort_sites(root):
-        if cfg.synth.sites < need:
-            raise SitesFileError(f"{root}: the synthetic cohort would have synth.sites={cfg.synth.sites} site(s) "
-                                 f"but federated.min_sites is {need}; no round could aggregate")
-        from ultrafed.data.synth import make_cohort
-
-        print(f"making the synthetic cohort in {root} ({cfg.synth.sites} sites x {cfg.synth.per_site} images)")
-        make_cohort(root, cfg.synth.sites, cfg.synth.per_site, cfg.synth.seed, cfg.synth.size)
-    sites = cohort_sites(root)
-    check_sites(sites, source=root, min_sites=need)
-    return "embedded", sites
+    return resolve(cfg, sites_file=getattr(args, "sites", None), data=getattr(args, "data", None))
 
 
 def federation_env() -> dict[str, str]:

@@ -56,13 +56,13 @@ def synth_stage(repo: Path) -> bool:
 def run(args: argparse.Namespace) -> int:
     import os
 
-    from flows.commands.pretrain import load_cfg, resolve_sites
+    from flows.commands.common import load_cfg, resolve_sites, tracking_uri
     from flows.pipeline import pipeline
     from ultrafed.config import REPO_ROOT
     from ultrafed.tracking.runs import configure_tracking
 
     cfg = load_cfg(args)
-    configure_tracking(args.tracking_uri)
+    configure_tracking(tracking_uri(args, cfg))
     root = cfg.data.root if os.path.isabs(cfg.data.root) else str(REPO_ROOT / cfg.data.root)
     if needs_synth_stage(args, cfg, root, REPO_ROOT):
         synth_stage(REPO_ROOT)  # else (or where DVC cannot) resolve_sites writes the cohort

@@ -40,9 +40,9 @@ class SiteError(RuntimeError):
 
 def default_work_dir(site_id: str) -> Path:
     """``$ULTRAFED_HOME/sites/<id>`` (embedded default): never inside the data folder, which may be read-only."""
-    from ultrafed.config import REPO_ROOT
+    from ultrafed.paths import ultrafed_home
 
-    return Path(os.environ.get("ULTRAFED_HOME", REPO_ROOT / ".ultrafed")) / "sites" / site_id
+    return ultrafed_home() / "sites" / site_id
 
 
 def site_paths(site_id: str, root: str | Path | None, work_dir: str | Path | None) -> tuple[Path, Path]:

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from ultrafed.config import ConfigError
 from ultrafed.yamlfile import read_yaml_mapping
+
+if TYPE_CHECKING:
+    from ultrafed.config import Config
 
 SITE_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")
 MODES = ("embedded", "federation")
@@ -102,3 +105,38 @@ def shared_data_sites(root: str | Path) -> list[dict[str, Any]]:
     """busi, ddti, hc18 of the real data folder as three embedded sites (train split used)."""
     return [{"id": n, "root": str((Path(root) / n).resolve())} for n in ("busi", "ddti", "hc18")
             if (Path(root) / n / "labels.csv").is_file()]
+
+
+def resolve_sites(cfg: "Config", *, sites_file: str | Path | None = None,
+                  data: str | Path | None = None) -> tuple[str, list[dict[str, Any]]]:
+    """(mode, sites) from --sites / --data, else the synthetic cohort (made on first use),
+    checked against the config (``federated.min_sites``, ids, roots) before anything is made."""
+    from ultrafed.paths import REPO_ROOT
+
+    need = cfg.federated.min_sites
+    if sites_file:
+        mode, sites = load_sites_file(sites_file)
+        check_sites(sites, source=sites_file, min_sites=need)
+        missing = [s for s in sites if s.get("root") and not Path(s["root"]).is_dir()]
+        if missing:
+            raise SitesFileError(f"{sites_file}: site {missing[0]['id']}: root {missing[0]['root']} is not a folder")
+        return mode, sites
+    if data:
+        sites = shared_data_sites(data)
+        if not sites:
+            raise SitesFileError(f"{data}: no busi/ddti/hc18 folders with labels.csv")
+        check_sites(sites, source=data, min_sites=need)
+        return "embedded", sites
+    root = Path(cfg.data.root)
+    root = root if root.is_absolute() else REPO_ROOT / root
+    if not cohort_sites(root):
+        if cfg.synth.sites < need:
+            raise SitesFileError(f"{root}: the synthetic cohort would have synth.sites={cfg.synth.sites} site(s) "
+                                 f"but federated.min_sites is {need}; no round could aggregate")
+        from ultrafed.data.synth import make_cohort
+
+        print(f"making the synthetic cohort in {root} ({cfg.synth.sites} sites x {cfg.synth.per_site} images)")
+        make_cohort(root, cfg.synth.sites, cfg.synth.per_site, cfg.synth.seed, cfg.synth.size)
+    sites = cohort_sites(root)
+    check_sites(sites, source=root, min_sites=need)
+    return "embedded", sites

@@ -53,17 +53,10 @@ class PromotionRefused(RuntimeError):
 
 def load_gates(name: str, path: str | Path | None = None) -> Gates:
     """Gates for registered model ``name``: ``default`` overlaid by the first matching ``models`` pattern."""
-    import yaml
+    from ultrafed.yamlfile import read_yaml_mapping
 
     p = Path(path) if path else DEFAULT_GATES_FILE
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except FileNotFoundError:
-        raise ValueError(f"{p}: gates file not found") from None
-    except yaml.YAMLError as e:
-        raise ValueError(f"{p}: not valid YAML ({e.__class__.__name__})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{p}: expected a mapping with 'default' and 'models'")
+    data = read_yaml_mapping(p, "gates file", ValueError)
     merged: dict[str, Any] = dict(data.get("default") or {})
     for pattern, section in (data.get("models") or {}).items():
         if fnmatch.fnmatchcase(name, str(pattern)):
