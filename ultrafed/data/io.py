@@ -346,10 +346,10 @@ def decode_image(data: bytes, path: str | Path, *, allow_constant: bool = False,
         raise ImageReadError(p, _unsupported_with_name(data, fmt, p))
     w, h, orientation = header_info(data, fmt, p)
     check_pixels(w, h, fmt, p, max_pixels)
-    raw = _decode(data, p)
-    cut = _truncation(data, fmt)
+    cut = _truncation(data, fmt)  # before decoding: libpng fills a cut-off PNG with grey silently
     if cut:
         raise ImageReadError(p, cut)
+    raw = _decode(data, p)
     notes = []
     named = _EXT_FORMAT.get(p.suffix.lower())
     if named and named != fmt:
