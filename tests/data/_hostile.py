@@ -17,10 +17,11 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
 
 
 def png_declaring(width: int, height: int, rows: int = 4) -> bytes:
-    """A well-formed 8-bit gray PNG whose header says ``width`` x ``height``; only ``rows`` rows
-    of (zero) pixel data follow: a decoder that trusts the header allocates it all first."""
+    """An 8-bit gray PNG whose header says ``width`` x ``height``; a few rows of (zero) pixel
+    data follow (at most ``rows`` x 4097 bytes, whatever the width: the file stays small): a
+    decoder that trusts the header allocates the whole image first."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    idat = zlib.compress(b"\x00" * ((1 + width) * rows), 9)
+    idat = zlib.compress(b"\x00" * ((1 + min(width, 4096)) * rows), 9)
     return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
 
 
