@@ -56,7 +56,7 @@ def test_text_file_named_png(site, tmp_path):
     (site / "images" / "notes.png").write_text("patient notes, not an image\n")
     add_row(site, "notes")
     why = _one_bad(_gate(site, tmp_path), "images/notes.png", "unreadable:")
-    assert "not a decodable image" in why
+    assert why == "unreadable: a text file named .png, not a supported image format (PNG, JPEG, BMP or TIFF)"
 
 
 def test_one_pixel_image(site, tmp_path):

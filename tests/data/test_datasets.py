@@ -140,25 +140,39 @@ def test_unreadable_files_are_skipped_with_one_line_each(records, tmp_path):
     garbage.write_bytes(b"not an image at all" * 20)
     empty.write_bytes(b"")
     trunc.write_bytes(records[0].image.read_bytes()[:200])
-    bad = [dataclasses.replace(records[0], id=p.stem, image=p) for p in (garbage, empty, trunc, tmp_path / "gone.png")]
+    paths = (garbage, empty, trunc, tmp_path / "gone.png")
+    # tmp_path plays the site folder of these records: problems name files relative to it
+    bad = [dataclasses.replace(records[0], id=p.stem, image=p, root=tmp_path) for p in paths]
     ds = make(bad[:2] + records[:3] + bad[2:])
     assert ds.n_images == 3 and len(ds) == 6
     assert [r.id for r in ds.records] == [r.id for r in records[:3]]
     assert len(ds.problems) == 4
-    for line, p in zip(ds.problems, (garbage, empty, trunc, tmp_path / "gone.png")):
-        assert line.startswith(f"{p}: ") and "\n" not in line
+    for line, p in zip(ds.problems, paths):
+        assert line.startswith(f"{p.name}: ") and "\n" not in line and str(tmp_path) not in line
     assert "zero-byte" in ds.problems[1] and "not found" in ds.problems[3]
     nothing = make(bad)
     assert len(nothing) == 0 and len(nothing.problems) == 4
 
 
-def test_file_broken_after_construction_names_the_file(records, tmp_path):
-    p = tmp_path / "later.png"
-    p.write_bytes(records[0].image.read_bytes())
-    ds = make([dataclasses.replace(records[0], image=p)], cache=False)
+def test_problems_never_carry_an_absolute_path(records, tmp_path):
+    """A record of another folder (relpath would climb out with ../) or one with no site root
+    at all (a bare record) is named by its file name only."""
+    p = tmp_path / "odd.png"
     p.write_bytes(b"")
-    with pytest.raises(ValueError, match=f"{p}: zero-byte file"):
+    bare = type("Bare", (), {"image": p, "probe": "linear"})()
+    ds = make([dataclasses.replace(records[0], image=p), bare])
+    assert ds.problems == ["odd.png: zero-byte file", "odd.png: zero-byte file"]
+
+
+def test_file_broken_after_construction_names_the_file(records, tmp_path):
+    p = tmp_path / "images" / "later.png"
+    p.parent.mkdir()
+    p.write_bytes(records[0].image.read_bytes())
+    ds = make([dataclasses.replace(records[0], image=p, root=tmp_path)], cache=False)
+    p.write_bytes(b"")
+    with pytest.raises(ValueError, match="^images/later.png: zero-byte file") as info:
         ds[0]
+    assert str(tmp_path) not in str(info.value)
 
 
 def test_index_out_of_range(records):

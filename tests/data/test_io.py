@@ -136,10 +136,10 @@ def _bad_link_loop(p: Path) -> Path:
 BAD = {
     "truncated PNG": (_bad_truncated, "truncated"),
     "zero-byte": (_bad_zero, "zero-byte file"),
-    "text named .png": (_bad_text, "not a decodable image"),
+    "text named .png": (_bad_text, "a text file named .png, not a supported image format"),
     "1x1": (_bad_tiny, "too small (1x1 px"),
     "blank": (_bad_blank, "blank: every pixel is 7"),
-    "unsupported extension": (_bad_ext, "unsupported format '.gif'"),
+    "GIF": (_bad_ext, "a GIF image, not a supported image format (PNG, JPEG, BMP or TIFF)"),
     "missing": (_bad_missing, "file not found"),
     "directory": (_bad_dir, "is a directory"),
     "symlink to itself": (_bad_link_loop, "cannot read"),

@@ -142,7 +142,7 @@ def test_unreadable_image_and_misfit_mask_are_left_out_with_a_reason(tmp_path):
     ds = TaskDataset(task_records("synth-seg", tmp_path, "train"), TASKS["synth-seg"], 32)
     assert len(ds) == 1 and ds.records[0].id == "a"
     assert len(ds.problems) == 2
-    assert any("b.png" in p and "decodable" in p for p in ds.problems)
+    assert any("b.png" in p and "a text file named .png, not a supported image format" in p for p in ds.problems)
     assert any("c.png" in p and "does not match" in p for p in ds.problems)
     assert all("\n" not in p for p in ds.problems)
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ultrafed.data.io import ImageReadError, read_gray
+from ultrafed.data.io import ImageReadError, printable, read_gray
 from ultrafed.ultramim.mic import corrupt
 from ultrafed.ultramim.smat import PROBES, ScanGeometry, estimate_geometry, smat_convert
 from ultrafed.ultramim.tgm import texture_scores
@@ -66,13 +66,20 @@ def _resolve_probe(gray: np.ndarray, probe: str | None) -> tuple[str, ScanGeomet
     return probe, geom
 
 
+def _shown(rec: Any) -> str:
+    """How a record's file is named in messages: its site-relative ``relpath`` (SiteRecord),
+    else the bare file name; never the absolute path, which says where the site keeps its data."""
+    rel = getattr(rec, "relpath", "")
+    return rel if rel and not rel.startswith("../") else printable(Path(rec.image).name)
+
+
 class UltraMIMDataset(Dataset):
     """Items ``{"input": [1,S,S] (MIC), "target": [1,S,S] clean, "texture": [L]}``, float32 in [0, 1].
 
     ``smat_geometry`` is the fan that linear images are drawn into; convex images keep their own
     (estimated from the footprint). ``mic`` is :func:`ultrafed.ultramim.corrupt`'s keyword
     arguments, ``None`` for no corruption. Unreadable files are skipped; their one-line reasons
-    are in :attr:`problems`. ``cache`` keeps decoded (and SMAT-converted) uint8 frames in memory.
+    (naming the file relative to its site) are in :attr:`problems`. ``cache`` keeps decoded (and SMAT-converted) uint8 frames in memory.
     """
 
     def __init__(self, records: Sequence[Any], *, img_size: int, patch_size: int, smat: bool,
@@ -95,7 +102,7 @@ class UltraMIMDataset(Dataset):
             try:
                 gray = read_gray(rec.image)
             except ImageReadError as e:
-                self.problems.append(str(e))
+                self.problems.append(f"{_shown(rec)}: {e.reason}")  # site-relative: problems leave the site
                 continue
             probe, geom = _resolve_probe(gray, getattr(rec, "probe", None)) if self.smat else (getattr(rec, "probe", None) or "unknown", None)
             self.records.append(rec)
@@ -141,7 +148,7 @@ class UltraMIMDataset(Dataset):
         try:
             g = read_gray(rec.image)
         except ImageReadError as e:  # changed on disk since construction: fail with the file named
-            raise ImageReadError(e.path, f"{e.reason} (readable when the dataset was built)") from None
+            raise ImageReadError(_shown(rec), f"{e.reason} (readable when the dataset was built)") from None
         return self._convert(g, self.probes[i], self._geoms[i]) if copy else g
 
     def item_rng(self, index: int) -> np.random.Generator:

@@ -30,7 +30,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from ultrafed.data.io import ImageReadError, list_images, load_image
+from ultrafed.data.io import ImageReadError, decode_image, list_images, load_image, read_file_bytes, relpath_key
 
 MANIFEST_COLUMNS: tuple[str, ...] = (
     "site", "relpath", "sha256", "size_bytes", "readable", "error",
@@ -57,7 +57,7 @@ CALIPER_CONTRAST = 40  # a "+" mark's arms exceed everything around them by this
 NEAR_DUP_BITS = 8
 NEAR_DUP_PHASH_BITS = 8
 LABEL_KEYS = ("label", "malignant")  # the class-label column: 'label' (BUSI, synthetic), 'malignant' (DDTI)
-SCAN_VERSION = 3      # bump when a per-file statistic changes meaning: invalidates stat caches
+SCAN_VERSION = 4      # bump when a per-file statistic changes meaning: invalidates stat caches
 _IMAGE_FIELDS = ("sha256", "width", "height", "bit_depth", "channels", "mean", "std", "frac_black",
                  "frac_saturated", "sharpness", "caliper_marks", "dhash", "phash")  # of a readable image
 _PARALLEL_MIN = 48    # below this many files a process pool costs more than it saves
@@ -89,17 +89,6 @@ class ScanResult:
 
 # ----------------------------------------------------------------------------------------------
 # Per-file work (runs in worker processes: top-level, picklable arguments and results).
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    try:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    except OSError:
-        return ""
-    return h.hexdigest()
-
 
 def perceptual_hashes(gray: np.ndarray) -> tuple[str, str]:
     """64-bit dHash and pHash as 16 hex digits each: re-exported or re-cropped copies of an
@@ -175,9 +164,15 @@ def _detect_probe(gray: np.ndarray) -> str | None:
 
 
 def _read_image(path: str, detect: bool) -> dict[str, Any]:
-    out: dict[str, Any] = {"sha256": _sha256(path)}
+    """Per-file statistics; the file is read once (bounded, never blocking) and hashed from
+    those bytes, so a FIFO or device named like an image can not hang the scan."""
     try:
-        img = load_image(path, allow_constant=True)  # blank frames are judged by the suite, not here
+        data = read_file_bytes(path)
+    except ImageReadError as e:
+        return {"sha256": "", "readable": False, "error": e.reason}
+    out: dict[str, Any] = {"sha256": hashlib.sha256(data).hexdigest()}
+    try:
+        img = decode_image(data, path, allow_constant=True)  # blank frames are judged by the suite, not here
     except ImageReadError as e:
         out.update(readable=False, error=e.reason)
         return out
@@ -185,6 +180,8 @@ def _read_image(path: str, detect: bool) -> dict[str, Any]:
     out.update(readable=True, error="", width=int(g.shape[1]), height=int(g.shape[0]),
                bit_depth=img.bit_depth, channels=img.channels, caliper_marks=caliper_marks(g),
                **dict(zip(("dhash", "phash"), perceptual_hashes(g))), **image_stats(g))
+    if img.notes:
+        out["notes"] = list(img.notes)
     if detect:
         out["probe_detected"] = _detect_probe(g)
     return out
@@ -223,15 +220,15 @@ class _Entry:
 
 def relkey(path: Path, root: Path) -> str:
     """The manifest's ``relpath`` of ``path``: POSIX, relative to ``root``; bytes that are not
-    UTF-8 are shown as ``\\xNN`` (so the CSV stays valid UTF-8)."""
-    rel = Path(os.path.relpath(path, root)).as_posix()
-    return os.fsencode(rel).decode("utf-8", "backslashreplace")
+    UTF-8 (and control characters) are shown as ``\\xNN`` (so the CSV stays valid UTF-8 and
+    every message one line). Training must match quarantined images by this key."""
+    return relpath_key(path, root)
 
 
 def name_flags(path: Path, root: Path) -> str:
     """Why the file name may carry a patient identifier ('' if it does not look like one)."""
     rel = Path(os.path.relpath(path, root)).as_posix()
-    flags = [] if rel == relkey(path, root) else ["non-UTF-8 name"]
+    flags = [] if os.fsencode(rel).decode("utf-8", "replace") == rel else ["non-UTF-8 name"]
     flags += [what for what, pat in _NAME_PATTERNS if pat.search(rel)]
     return "; ".join(flags)
 
@@ -261,8 +258,7 @@ def list_site(root: str | Path, site_id: str) -> tuple[list[_Entry], list[str]]:
             files = [p for p in list_images(root) if root / "masks" not in p.parents]
             return [_Entry(p, None, "unknown", "unknown", "") for p in files], problems
         return [], [msg]
-    for line in site.problems:
-        problems.append(line.replace(str(root) + os.sep, "").replace(str(root), "."))
+    problems.extend(site.problems)  # already relative to the site folder
     entries = [_Entry(r.image, r.mask, r.split, r.probe, _label(r.labels)) for r in site.records]
     return entries, problems
 
@@ -430,6 +426,7 @@ def scan_entries(root: Path, site_id: str, entries: Iterable[_Entry], problems: 
             row.update(probe="unknown", probe_source="none")
         if not img.get("readable"):
             problems.append(f"{rel}: {img.get('error')}")
+        problems.extend(f"{rel}: {note}" for note in img.get("notes") or ())
         if e.mask is not None:
             mrel = relkey(e.mask, root)
             row["mask_relpath"] = mrel

@@ -415,8 +415,8 @@ def check_manifest(manifest: str | Path, *, suite: str | Path | None = None, pre
     manifest = Path(manifest)
     try:
         df = read_manifest(manifest)
-    except ManifestError as e:
-        return _failed_gate(manifest, manifest.stem, str(e), report)
+    except ManifestError as e:  # the message names the manifest by its file name only
+        return _failed_gate(manifest, manifest.stem, str(e).replace(str(manifest), manifest.name), report)
     return _check_frame(df, manifest, manifest_md5(manifest), suite, _read_previous(previous), report, ())
 
 
@@ -484,9 +484,10 @@ def _md_cell(x: Any) -> str:
 
 def render_report(gate: GateResult) -> str:
     """Markdown report: outcome, reasons, every expectation with GX's observed value,
-    quarantined images and scan problems."""
+    quarantined images and scan problems. It leaves the site (the round uploads it), so it
+    names files relative to the site folder and the manifest by its file name only."""
     lines = [f"# Data quality: site `{gate.site}` - {gate.status.upper()}", "",
-             f"- manifest: `{gate.manifest_path}` (md5 `{gate.manifest_md5 or 'n/a'}`)",
+             f"- manifest: `{Path(gate.manifest_path).name}` (md5 `{gate.manifest_md5 or 'n/a'}`)",
              f"- suite: `{gate.suite or 'n/a'}`",
              f"- images: {gate.n_total} listed, {gate.n_images} may train, {len(gate.quarantined)} quarantined",
              f"- usable by split: " + (", ".join(f"{k} {v}" for k, v in gate.splits) or "none"), ""]
