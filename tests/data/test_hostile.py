@@ -344,9 +344,6 @@ def test_non_utf8_name_quarantined_and_keyed_like_its_record(tmp_path):
     _no_leak(gate, tmp_path)
 
 
-@pytest.mark.xfail(strict=True, reason="ultrafed/federated/client.py _training_records matches quarantined "
-                   "images by str(relative_to(root)); it must match by SiteRecord.relpath (= manifest relpath, "
-                   "non-UTF-8 bytes escaped). Remove this marker with that fix.")
 def test_client_training_skips_a_quarantined_non_utf8_name(tmp_path):
     from ultrafed.federated.client import _training_records, site_check
 

@@ -86,6 +86,7 @@ def site_check(site_id: str, root: str | Path | None = None, work_dir: str | Pat
         "n_images": gate.n_images,
         "n_quarantined": len(gate.quarantined),
         "quarantined": [f"{p}: {r}" for p, r in gate.quarantined],
+        "problems": list(gate.problems),  # site-relative: refused files, format notes, unreadable folders
         "manifest_md5": gate.manifest_md5,
         "report_md": report.read_text() if report.exists() else "",
     }
@@ -99,7 +100,7 @@ def _training_records(site_id: str, root: Path, work: Path) -> list:
     qfile = work / "quarantine.json"
     if qfile.exists():
         bad = {str(Path(p)) for p, _ in json.loads(qfile.read_text())}
-    recs = [r for r in site.select(PRETRAIN_SPLITS) if str(Path(r.image).relative_to(root)) not in bad]
+    recs = [r for r in site.select(PRETRAIN_SPLITS) if r.relpath not in bad]
     if not recs:
         raise SiteError(f"site {site_id}: no trainable images after the quality gate")
     return recs
