@@ -200,3 +200,27 @@ def test_busi_real_data(shared_data, tmp_path):
             assert own[a[len("images/"):-4]] == own[b[len("images/"):-4]], (a, b)
     assert m.loc[m["caliper_marks"] > 0, "label"].isin(["benign", "malignant"]).all()
     assert any(r.startswith("[warn] no_caliper_marks") for r in gate.reasons)
+
+
+def test_an_unchanged_site_reuses_its_verdict_and_a_changed_one_is_judged_again(tmp_path, monkeypatch):
+    """The gate's verdict is cached by (manifest md5, drift reference, suite); any change re-runs GX."""
+    import shutil
+
+    from ultrafed.data import quality
+    from ultrafed.data.synth import make_cohort
+
+    make_cohort(tmp_path / "c", 1, 10, seed=0, size=64, progress=None)
+    root, cache, out = tmp_path / "c" / "site-0", tmp_path / "cache", tmp_path / "m" / "site-0.csv"
+    calls = []
+    real = quality._judge
+    monkeypatch.setattr(quality, "_judge", lambda *a, **k: calls.append(1) or real(*a, **k))
+    first = [quality.check_site(root, "site-0", manifest_out=out, cache_dir=cache) for _ in range(3)]
+    assert len(calls) == 2  # no reference, then the first reference; the third check is the second's inputs
+    assert first[2].status == first[1].status and first[2].reasons == first[1].reasons
+    assert first[2].expectations == first[1].expectations and first[2].n_images == first[1].n_images
+    a, b = sorted((root / "images").glob("*.png"))[:2]
+    shutil.copy(a, b)  # b becomes a duplicate of a: the data changed
+    changed = quality.check_site(root, "site-0", manifest_out=out, cache_dir=cache)
+    assert len(calls) == 3 and changed.manifest_md5 != first[2].manifest_md5
+    assert any(b.name in q[0] for q in changed.quarantined)
+    assert len(list(cache.glob("verdict-*.json"))) == 1  # only the latest verdict is kept

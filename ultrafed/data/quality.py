@@ -9,6 +9,7 @@ round. Every outcome carries GX's observed values, so an excluded site knows why
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -381,18 +382,60 @@ def _judge(df: pd.DataFrame, suite: Mapping[str, Any], prev: pd.DataFrame | str 
     return status, reasons, quarantined, items, usable
 
 
+GATE_CACHE_VERSION = 1  # bump when _judge's logic changes: cached verdicts of older code are then ignored
+
+
+def _verdict_key(md5: str, prev_key: str | None, suite: Mapping[str, Any]) -> str:
+    """Everything a verdict depends on: the manifest (its md5), the drift reference, the suite, the code."""
+    from importlib.metadata import version
+
+    blob = json.dumps([GATE_CACHE_VERSION, version("great_expectations"), md5, prev_key, _plain(suite)],
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _judge_cached(df: pd.DataFrame, md5: str, suite: Mapping[str, Any], prev: pd.DataFrame | str | None,
+                  prev_key: str | None, cache_dir: Path | None) -> tuple[str, list[str], list, list[dict], int, tuple]:
+    """:func:`_judge`, or its stored verdict when the manifest, drift reference and suite are unchanged.
+
+    A site's data rarely changes between rounds, and Great Expectations takes ~0.4 s a site; the
+    verdict of the same inputs is the same, so it is kept (one file, the latest) in the site's work dir.
+    """
+    key = _verdict_key(md5, prev_key, suite) if cache_dir is not None and prev_key != "unknown" else None
+    path = cache_dir / f"verdict-{key}.json" if key else None
+    if path is not None and path.is_file():
+        try:
+            v = json.loads(path.read_text())
+            return (v["status"], list(v["reasons"]), [tuple(q) for q in v["quarantined"]], list(v["items"]),
+                    int(v["n_images"]), tuple(tuple(x) for x in v["splits"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # a damaged cache entry is recomputed
+    status, reasons, quarantined, items, usable = _judge(df, suite, prev)
+    splits = tuple((str(k), int(v)) for k, v in sorted(usable["split"].fillna("").value_counts().items()))
+    items = [_plain(it) for it in items]
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for old in path.parent.glob("verdict-*.json"):
+            old.unlink(missing_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"status": status, "reasons": reasons, "quarantined": quarantined, "items": items,
+                                   "n_images": int(len(usable)), "splits": splits}, default=str))
+        os.replace(tmp, path)
+    return status, reasons, quarantined, items, int(len(usable)), splits
+
+
 def _check_frame(df: pd.DataFrame, manifest: Path, md5: str, suite_arg: str | Path | None,
-                 prev: pd.DataFrame | str | None, report: str | Path | None, problems: Sequence[str]) -> GateResult:
+                 prev: pd.DataFrame | str | None, report: str | Path | None, problems: Sequence[str], *,
+                 prev_key: str | None = "unknown", cache_dir: Path | None = None) -> GateResult:
     site = str(df["site"].dropna().iloc[0]) if len(df) and df["site"].notna().any() else manifest.stem
     suite = load_suite(suite_arg, site)
-    status, reasons, quarantined, items, usable = _judge(df, suite, prev)
-    splits = tuple(sorted(usable["split"].fillna("").value_counts().items()))
+    status, reasons, quarantined, items, n_usable, splits = _judge_cached(df, md5, suite, prev, prev_key, cache_dir)
     gate = GateResult(
         site=site, status=status, reasons=tuple(reasons), quarantined=tuple(quarantined),
-        n_images=int(len(usable)), manifest_path=str(manifest), manifest_md5=md5,
+        n_images=n_usable, manifest_path=str(manifest), manifest_md5=md5,
         report_path=str(report) if report else None,
-        expectations=tuple(_plain(it) for it in items), n_total=int(len(df)), suite=suite["name"],
-        problems=tuple(problems), splits=tuple((str(k), int(v)) for k, v in splits),
+        expectations=tuple(items), n_total=int(len(df)), suite=suite["name"],
+        problems=tuple(problems), splits=splits,
     )
     if report:
         write_report(gate, report)
@@ -432,15 +475,17 @@ def _read_previous(previous: str | Path | None) -> pd.DataFrame | str | None:
 
 def check_site(root: str | Path, site_id: str, *, manifest_out: str | Path, previous: str | Path | None = None,
                suite: str | Path | None = None, report: str | Path | None = None,
-               workers: int | None = None) -> GateResult:
+               workers: int | None = None, cache_dir: str | Path | None = None) -> GateResult:
     """Scan the site, write its manifest (the DVC-tracked data version) and gate it.
 
     ``previous`` defaults to the manifest already at ``manifest_out`` (the last round's):
     its stat cache makes the scan incremental and its statistics are the drift reference.
+    With ``cache_dir`` an unchanged manifest, reference and suite reuse the last verdict.
     """
     manifest_out = Path(manifest_out)
     prev_path = Path(previous) if previous else (manifest_out if manifest_out.is_file() else None)
     prev_df = _read_previous(prev_path)  # read before it is overwritten
+    prev_key = manifest_md5(prev_path) if prev_path is not None and not isinstance(prev_df, str) else None
     # The stat cache lives next to the manifest it was written with; callers that move the
     # last manifest aside (to keep it as the drift reference) leave it at manifest_out.
     cache_from = manifest_out if stat_cache_path(manifest_out).is_file() else prev_path
@@ -449,7 +494,8 @@ def check_site(root: str | Path, site_id: str, *, manifest_out: str | Path, prev
     df = read_manifest(manifest_out)  # judge exactly what was versioned
     row_problems = set(f"{r}: {e}" for r, e in zip(df["relpath"], df["error"]) if e)
     scan_level = [p for p in result.problems if p not in row_problems]
-    return _check_frame(df, manifest_out, md5, suite, prev_df, report, scan_level)
+    return _check_frame(df, manifest_out, md5, suite, prev_df, report, scan_level, prev_key=prev_key,
+                        cache_dir=Path(cache_dir) if cache_dir is not None else None)
 
 
 # ----------------------------------------------------------------------------------------------

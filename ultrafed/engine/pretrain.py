@@ -92,13 +92,14 @@ class LocalResult:
     steps: int                          # optimiser steps taken in this call
 
 
-def _to_cpu(x: Any) -> Any:
+def _to_cpu(x: Any, copy: bool = True) -> Any:
+    """CPU tensors of ``x`` (nested); ``copy=False`` passes CPU tensors through uncopied."""
     if isinstance(x, Tensor):
-        return x.detach().to("cpu", copy=True)
+        return x.detach().to("cpu", copy=copy)
     if isinstance(x, Mapping):
-        return {k: _to_cpu(v) for k, v in x.items()}
+        return {k: _to_cpu(v, copy) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return type(x)(_to_cpu(v) for v in x)
+        return type(x)(_to_cpu(v, copy) for v in x)
     return x
 
 
@@ -160,7 +161,8 @@ def train_local(model: MaskedAutoencoderViT, loader: torch.utils.data.DataLoader
                 tgm_strength: float | None = 1.0, prox_mu: float = 0.0,
                 global_state: Mapping[str, Tensor] | None = None, device: torch.device | str = "cpu",
                 seed: int = 0, min_lr: float = 0.0, progress: bool | str = False,
-                on_step: Callable[[int, dict[str, float]], None] | None = None) -> LocalResult:
+                on_step: Callable[[int, dict[str, float]], None] | None = None,
+                optimizer_state_owned: bool = False) -> LocalResult:
     """Run ``epochs`` passes of UltraMIM over ``loader`` and return the new weights.
 
     The loader yields dicts with ``input`` (MIC-corrupted), ``target`` (clean) and ``texture``
@@ -168,7 +170,8 @@ def train_local(model: MaskedAutoencoderViT, loader: torch.utils.data.DataLoader
     MAE uniform masking. Masks are drawn on the CPU from ``seed``, so the same seed gives the
     same masks on any device. The dataset's augmentation epoch is the *global* epoch
     ``step_offset // len(loader) + e`` so later rounds see fresh crops. ``on_step(global_step,
-    {"loss", "lr"})`` is called after every step (e.g. to log to MLflow).
+    {"loss", "lr"})`` is called after every step (e.g. to log to MLflow). ``optimizer_state`` is
+    copied before use unless ``optimizer_state_owned`` says the caller hands it over.
     """
     if epochs < 1:
         raise ValueError(f"train_local: epochs must be >= 1, got {epochs}")
@@ -181,8 +184,9 @@ def train_local(model: MaskedAutoencoderViT, loader: torch.utils.data.DataLoader
     model.to(device).train()
     opt = build_optimizer(model, peak_lr, weight_decay, betas)
     if optimizer_state is not None:
-        # a copy: on the same device torch adopts the given tensors and AdamW would update the caller's state in place
-        opt.load_state_dict(copy.deepcopy(optimizer_state))
+        # on the same device torch adopts the given tensors and AdamW updates them in place: copy the
+        # caller's state unless it is ours to consume (``optimizer_state_owned``, e.g. just read from disk)
+        opt.load_state_dict(optimizer_state if optimizer_state_owned else copy.deepcopy(optimizer_state))
     gstate = None
     if prox_mu > 0:
         gstate = {n: global_state[n].to(device, torch.float32) for n, p in model.named_parameters() if p.requires_grad}
@@ -225,7 +229,8 @@ def train_local(model: MaskedAutoencoderViT, loader: torch.utils.data.DataLoader
                "steps": float(step), "seconds": seconds, "img_per_s": images / seconds if seconds > 0 else float("nan")}
     if prox_losses:
         metrics["prox_loss"] = sum(prox_losses) / len(prox_losses)
-    return LocalResult(state=_to_cpu(model.state_dict()), optimizer_state=_to_cpu(opt.state_dict()),
+    # the model stays the caller's, so its weights are copied; the optimizer ends here, so its state is handed over
+    return LocalResult(state=_to_cpu(model.state_dict()), optimizer_state=_to_cpu(opt.state_dict(), copy=False),
                        metrics=metrics, steps=step)
 
 

@@ -77,7 +77,8 @@ def site_check(site_id: str, root: str | Path | None = None, work_dir: str | Pat
         os.replace(manifest, previous)  # drift is measured against the last checked version
     report = work / "reports" / f"{site_id}-quality.md"
     report.parent.mkdir(parents=True, exist_ok=True)
-    gate = check_site(root, site_id, manifest_out=manifest, previous=previous if previous.exists() else None, report=report)
+    gate = check_site(root, site_id, manifest_out=manifest, previous=previous if previous.exists() else None,
+                      report=report, cache_dir=work / "gate-cache")
     (work / "quarantine.json").write_text(json.dumps([list(q) for q in gate.quarantined]))
     return {
         "site": site_id,
@@ -160,7 +161,7 @@ def site_train(site_id: str, cfg: Config | Mapping[str, Any], *, round_idx: int,
     from ultrafed.data.datasets import dataset_from_config, make_loader
     from ultrafed.engine.device import select_device
     from ultrafed.engine.pretrain import scaled_lr, train_local
-    from ultrafed.models.mae import mae_from_config
+    from ultrafed.models.mae import blank_mae
 
     cfg = _config(cfg)
     store = store or default_store()
@@ -168,7 +169,7 @@ def site_train(site_id: str, cfg: Config | Mapping[str, Any], *, round_idx: int,
     fed, pre = cfg.federated, cfg.pretrain
     seed = derive_seed(cfg.seed, "train", round_idx, site_id)
     global_state = store.get(global_uri, global_sha256)
-    model = mae_from_config(cfg.model)
+    model = blank_mae(cfg.model)
     model.load_state_dict(global_state)
     ds = dataset_from_config(list(records) if records is not None else _training_records(site_id, root, work), cfg, seed)
     loader = make_loader(ds, batch_size=pre.batch_size, num_workers=pre.num_workers, seed=seed)
@@ -190,6 +191,7 @@ def site_train(site_id: str, cfg: Config | Mapping[str, Any], *, round_idx: int,
         weight_decay=pre.weight_decay, betas=tuple(pre.betas),
         min_lr=pre.min_lr, **round_lr_schedule(cfg, per_round, round_idx), optimizer_state=opt_state,
         tgm_strength=tgm_strength, prox_mu=prox_mu, global_state=global_state if prox_mu > 0 else None,
+        optimizer_state_owned=True,  # just read from disk: AdamW may update it in place
         device=device, seed=seed,
         progress=f"site {site_id} round {round_idx}" if progress else False,
     )
@@ -248,7 +250,7 @@ def site_validate(site_id: str, cfg: Config | Mapping[str, Any], *, global_uri: 
 
     from ultrafed.data.sites import load_site
     from ultrafed.engine.device import select_device
-    from ultrafed.models.mae import mae_from_config
+    from ultrafed.models.mae import blank_mae
 
     cfg = _config(cfg)
     store = store or default_store()
@@ -257,7 +259,7 @@ def site_validate(site_id: str, cfg: Config | Mapping[str, Any], *, global_uri: 
     if not recs:
         return {"site": site_id, "val_loss": float("nan"), "n_val": 0}
     device = select_device(cfg.pretrain.device)
-    model = mae_from_config(cfg.model).to(device).eval()
+    model = blank_mae(cfg.model).to(device).eval()
     model.load_state_dict(store.get(global_uri, global_sha256))
     loss, n = global_val_loss(model, recs, cfg, site_id, device)
     if picture_run_id:

@@ -64,11 +64,11 @@ class MlflowRoundTracker:
 
     def register(self, ctx: RoundContext, state: dict[str, Tensor], lineage: Lineage,
                  metrics: Mapping[str, float]) -> tuple[int | None, str | None]:
-        from ultrafed.models.mae import mae_from_config
+        from ultrafed.models.mae import blank_mae
         from ultrafed.tracking.registry import register_encoder
 
         assert ctx.run_id is not None
-        model = mae_from_config(self.cfg.model)
+        model = blank_mae(self.cfg.model)
         model.load_state_dict(state)
         v = register_encoder(model.encoder, name=self.cfg.tracking.registered_model, run_id=ctx.run_id,
                              lineage=lineage, metrics=dict(metrics))
