@@ -15,5 +15,11 @@ from ultrafed.federated.client import run_action
 
 @flow(name="ultrafed-site", persist_result=True, flow_run_name="{action}-{site_id}")
 def site_job(action: str, site_id: str, params: dict[str, Any], result_run_id: str | None = None) -> dict[str, Any]:
-    """check | train | validate at this site; returns (and logs) counts, metrics, URIs, hashes."""
-    return run_action(action, site_id, params, result_run_id=result_run_id)
+    """check | train | validate at this site; returns (and logs) counts, metrics, URIs, hashes.
+
+    Site policy, not the coordinator's: pictures of this site's images are written to its own
+    work dir, never logged to the coordinator's tracking server.
+    """
+    extra = {"pictures_at_site": True} if action == "validate" else {}
+    return run_action(action, site_id, {k: v for k, v in params.items() if k != "pictures_at_site"},
+                      result_run_id=result_run_id, extra=extra)

@@ -128,6 +128,7 @@ class TrackingConfig:
     tracking_uri: str = "sqlite:///mlflow/mlflow.db"
     experiment: str = "ultrafed"
     registered_model: str = "ultrafed-encoder"
+    picture_every: int = 5
 
 
 @dataclass(frozen=True)
@@ -394,7 +395,7 @@ _AT_LEAST_1 = ("synth.sites", "synth.per_site", "ultramim.mic.motion_kernel", "u
                "federated.local_epochs", "federated.min_sites", "federated.max_concurrency",
                "finetune.epochs", "finetune.batch_size")
 _AT_LEAST_0 = ("seed", "synth.seed", "ultramim.tgm.strength", "pretrain.weight_decay", "pretrain.warmup_epochs",
-               "pretrain.num_workers", "pretrain.min_lr", "federated.lr_horizon_rounds", "finetune.weight_decay",
+               "pretrain.num_workers", "pretrain.min_lr", "federated.lr_horizon_rounds", "tracking.picture_every", "finetune.weight_decay",
                "finetune.warmup_epochs", "finetune.num_workers", "finetune.n_boot", "finetune.baseline_weight_decay")
 _POSITIVE = ("ultramim.mic.gauss_sigma", "pretrain.base_lr", "federated.site_timeout_s", "federated.norm_bound",
              "finetune.lr", "finetune.baseline_lr")

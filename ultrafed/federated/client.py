@@ -208,6 +208,12 @@ def site_train(site_id: str, cfg: Config | Mapping[str, Any], *, round_idx: int,
 
 
 # -- validate ------------------------------------------------------------------------------
+def picture_due(cfg: Config, round_idx: int) -> bool:
+    """Round 0, every ``tracking.picture_every``-th round and the run's last (0: never)."""
+    every = cfg.tracking.picture_every
+    return every > 0 and (round_idx % every == 0 or round_idx == cfg.federated.rounds - 1)
+
+
 @torch.no_grad()
 def global_val_loss(model, records: list, cfg: Config, site_id: str, device: torch.device | str = "cpu") -> tuple[float, int]:
     """Masked-reconstruction loss of ``model`` on whole val frames (fixed uniform masks, no MIC).
@@ -239,11 +245,13 @@ def global_val_loss(model, records: list, cfg: Config, site_id: str, device: tor
 def site_validate(site_id: str, cfg: Config | Mapping[str, Any], *, global_uri: str, global_sha256: str | None = None,
                   root: str | Path | None = None, work_dir: str | Path | None = None, max_images: int = 256,
                   picture_run_id: str | None = None, round_idx: int = 0, store: "StateStore | None" = None,
-                  records: Sequence | None = None) -> dict[str, Any]:
+                  records: Sequence | None = None, pictures_at_site: bool = False) -> dict[str, Any]:
     """Masked-reconstruction loss of a global model on the site's val split (fixed masks, no MIC).
 
-    With ``picture_run_id`` the site also logs an original / masked / reconstruction grid of a
-    few val images to its own run (a picture of its data stays in the site's MLflow run).
+    In round 0, every ``tracking.picture_every``-th round and the last, the site also draws an
+    original / masked / reconstruction grid of a few val images: logged to its run
+    ``picture_run_id`` (embedded mode: one machine), or, with ``pictures_at_site`` (what a
+    federation worker always sets), written to its own work dir, so no pixel leaves the site.
     """
     import cv2
     import numpy as np
@@ -254,7 +262,7 @@ def site_validate(site_id: str, cfg: Config | Mapping[str, Any], *, global_uri: 
 
     cfg = _config(cfg)
     store = store or default_store()
-    root, _ = site_paths(site_id, root, work_dir)
+    root, work = site_paths(site_id, root, work_dir)
     recs = (list(records) if records is not None else load_site(root, site_id).select(["val"]))[:max_images]
     if not recs:
         return {"site": site_id, "val_loss": float("nan"), "n_val": 0}
@@ -262,16 +270,20 @@ def site_validate(site_id: str, cfg: Config | Mapping[str, Any], *, global_uri: 
     model = blank_mae(cfg.model).to(device).eval()
     model.load_state_dict(store.get(global_uri, global_sha256))
     loss, n = global_val_loss(model, recs, cfg, site_id, device)
-    if picture_run_id:
+    if picture_due(cfg, round_idx) and (picture_run_id or pictures_at_site):
         from ultrafed.data.datasets import UltraMIMDataset
-        from ultrafed.tracking.pictures import log_reconstructions
+        from ultrafed.tracking.pictures import log_reconstructions, save_reconstructions
 
         size = cfg.model.img_size
         ds = UltraMIMDataset(recs, img_size=size, patch_size=cfg.model.patch_size, smat=False, mic=None)
         first = [cv2.resize(ds.gray(i), (size, size), interpolation=cv2.INTER_AREA) for i in range(min(4, len(ds)))]
         imgs = torch.from_numpy(np.stack(first)[:, None].astype(np.float32) / 255.0).to(device)
-        log_reconstructions(picture_run_id, model, imgs, site=site_id, round_idx=round_idx,
-                            generator=torch.Generator().manual_seed(derive_seed(cfg.seed, "picture", round_idx, site_id)))
+        gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "picture", round_idx, site_id))
+        if pictures_at_site:
+            save_reconstructions(work / "pictures" / f"round-{round_idx:03d}" / f"{site_id}.png", model, imgs,
+                                 site=site_id, round_idx=round_idx, generator=gen)
+        else:
+            log_reconstructions(picture_run_id, model, imgs, site=site_id, round_idx=round_idx, generator=gen)
     if not math.isfinite(loss):
         raise SiteError(f"site {site_id}: validation loss is not finite ({loss})")
     return {"site": site_id, "val_loss": loss, "n_val": n}

@@ -90,6 +90,17 @@ def log_reconstructions(run_id: str, model, images: Tensor, *, site: str, round_
     return path
 
 
+def save_reconstructions(path: str | Path, model, images: Tensor, *, site: str, round_idx: int,
+                         generator: torch.Generator | None = None) -> Path:
+    """The same grid as :func:`log_reconstructions`, written to a file at the site (federation mode)."""
+    fig = reconstruction_figure(reconstruction_panels(model, images, generator=generator),
+                                title=f"{site} - round {round_idx}")
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, format="png")
+    return out
+
+
 def curves_figure(series: Mapping[str, Sequence[tuple[int, float]]], title: str = "loss",
                   xlabel: str = "round", ylabel: str = "loss") -> Figure:
     """One line per series of (step, value) points."""
