@@ -11,7 +11,7 @@ work dirs (no optimizer state shared between strategies). Reported per strategy:
 val loss (unweighted mean over sites, as the round flow logs it) per round, each site's val
 loss after the last round, the spread max - min, and site-0's aggregation weight.
 
-Note: ``tasks/aggregate.py`` gives q-FedAvg each site's mean TRAIN loss of its local epoch,
+Note: ``ultrafed/federated/round.py`` gives q-FedAvg each site's mean TRAIN loss of its local epoch,
 not the loss of the incoming global model on the site's data that q-FFL prescribes; the
 local loss is lower for sites that fit quickly, so q-FedAvg re-weights less than it should.
 """
