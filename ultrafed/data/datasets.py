@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import cv2
 import numpy as np
@@ -28,6 +28,10 @@ from ultrafed.ultramim.tgm import texture_scores
 
 CROP_SCALE: tuple[float, float] = (0.5, 1.0)      # area fraction of the random resized crop
 CROP_RATIO: tuple[float, float] = (3 / 4, 4 / 3)  # aspect range of the crop (resized to a square)
+
+
+if TYPE_CHECKING:
+    from ultrafed.config import Config, MICConfig
 
 
 def random_resized_crop(img: np.ndarray, size: int, rng: np.random.Generator,
@@ -167,7 +171,7 @@ class UltraMIMDataset(Dataset):
         return {"input": inp, "target": target, "texture": texture}
 
 
-def mic_kwargs(mic_cfg: Any) -> dict[str, Any] | None:
+def mic_kwargs(mic_cfg: "MICConfig") -> dict[str, Any] | None:
     """``cfg.ultramim.mic`` -> :func:`corrupt` keyword arguments, or ``None`` when MIC is off."""
     if not mic_cfg.enabled:
         return None
@@ -175,7 +179,7 @@ def mic_kwargs(mic_cfg: Any) -> dict[str, Any] | None:
             "gauss_sigma": mic_cfg.gauss_sigma, "sp_amount": mic_cfg.sp_amount, "ref_size": mic_cfg.ref_size}
 
 
-def dataset_from_config(records: Sequence[Any], cfg: Any, seed: int | None = None) -> UltraMIMDataset:
+def dataset_from_config(records: Sequence[Any], cfg: "Config", seed: int | None = None) -> UltraMIMDataset:
     """The training set as ``params.yaml`` describes it (model size, SMAT fan, MIC, cache)."""
     um = cfg.ultramim
     return UltraMIMDataset(records, img_size=cfg.model.img_size, patch_size=cfg.model.patch_size,

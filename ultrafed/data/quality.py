@@ -536,7 +536,7 @@ def render_report(gate: GateResult) -> str:
              f"- manifest: `{Path(gate.manifest_path).name}` (md5 `{gate.manifest_md5 or 'n/a'}`)",
              f"- suite: `{gate.suite or 'n/a'}`",
              f"- images: {gate.n_total} listed, {gate.n_images} may train, {len(gate.quarantined)} quarantined",
-             f"- usable by split: " + (", ".join(f"{k} {v}" for k, v in gate.splits) or "none"), ""]
+             "- usable by split: " + (", ".join(f"{k} {v}" for k, v in gate.splits) or "none"), ""]
     lines += ["## Reasons", ""] + ([f"- {r}" for r in gate.reasons] or ["- none: every expectation met"]) + [""]
     if gate.expectations:
         lines += ["## Expectations (Great Expectations)", "",

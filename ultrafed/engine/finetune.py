@@ -14,7 +14,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -40,6 +40,10 @@ from ultrafed.models.mae import ViTEncoder, build_encoder
 from ultrafed.protocol import PRIMARY_METRIC
 
 BASELINES: tuple[str, ...] = ("resnet18", "unet", "handcrafted-lr")
+
+
+if TYPE_CHECKING:
+    from ultrafed.config import Config
 
 
 @dataclass
@@ -368,7 +372,7 @@ def _handcrafted_lr(spec: TaskSpec, data: _Data, *, img_size: int, seed: int, n_
 
 
 
-def finetune_from_config(task: str, root: str | Path, encoder: ViTEncoder | None, cfg: Any, *,
+def finetune_from_config(task: str, root: str | Path, encoder: ViTEncoder | None, cfg: "Config", *,
                          evaluate_test: bool = False, progress: bool = True) -> FinetuneResult:
     """:func:`finetune` with ``cfg.finetune`` (and ``cfg.model.preset``, ``cfg.seed``) exploded into arguments."""
     f = cfg.finetune
@@ -378,7 +382,7 @@ def finetune_from_config(task: str, root: str | Path, encoder: ViTEncoder | None
                     warmup_epochs=f.warmup_epochs, num_workers=f.num_workers, n_boot=f.n_boot)
 
 
-def baseline_from_config(task: str, root: str | Path, kind: Literal["resnet18", "unet", "handcrafted-lr"], cfg: Any, *,
+def baseline_from_config(task: str, root: str | Path, kind: Literal["resnet18", "unet", "handcrafted-lr"], cfg: "Config", *,
                          evaluate_test: bool = False, progress: bool = True) -> FinetuneResult:
     """:func:`train_baseline` with ``cfg.finetune``'s budget (epochs, batch) and baseline settings."""
     f = cfg.finetune

@@ -16,7 +16,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -30,6 +30,10 @@ from ultrafed.ultramim.tgm import texture_scores, tgm_mask
 # Parameters MAE keeps out of weight decay besides every 1-D tensor (norms, biases); pretraining
 # and fine-tuning (ultrafed.engine.finetune) both follow it.
 NO_DECAY_NAMES: tuple[str, ...] = ("cls_token", "mask_token", "pos_embed", "decoder_pos_embed")
+
+
+if TYPE_CHECKING:
+    from ultrafed.config import Config
 
 
 def no_weight_decay(name: str, p: Tensor) -> bool:
@@ -234,7 +238,7 @@ def train_local(model: MaskedAutoencoderViT, loader: torch.utils.data.DataLoader
                        metrics=metrics, steps=step)
 
 
-def pretrain_single_site(cfg, site_root: str | Path, out_dir: str | Path, *,
+def pretrain_single_site(cfg: "Config", site_root: str | Path, out_dir: str | Path, *,
                          splits: Iterable[str] = ("train",), progress: bool = True) -> dict[str, float]:
     """Quick start: UltraMIM on one site folder for ``cfg.pretrain.epochs``; writes checkpoint + metrics.
 

@@ -16,7 +16,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import mlflow
 from mlflow import MlflowClient
@@ -29,6 +29,10 @@ DEFAULT_DB = REPO_ROOT / "mlflow" / "mlflow.db"
 DEFAULT_ARTIFACTS = REPO_ROOT / "mlflow" / "artifacts"
 
 _artifact_root: str | None = None  # remembered by configure_tracking for ensure_experiment
+
+
+if TYPE_CHECKING:
+    from ultrafed.config import Config
 
 
 def _sqlite_path(uri: str) -> Path | None:
@@ -147,7 +151,7 @@ def _param_value(v: Any) -> str:
     return s if len(s) <= 6000 else s[:5997] + "..."  # MLflow's param value limit
 
 
-def start_parent_run(cfg: Any, *, experiment: str | None = None, run_name: str | None = None,
+def start_parent_run(cfg: "Config", *, experiment: str | None = None, run_name: str | None = None,
                      tags: Mapping[str, str] | None = None) -> str:
     """Create the pretraining's parent run: resolved config as params + artifact, commit, hash.
 
