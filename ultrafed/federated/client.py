@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
@@ -107,6 +108,34 @@ def _training_records(site_id: str, root: Path, work: Path) -> list:
     return recs
 
 
+# The last AdamW state each site of this process wrote, by file: in embedded mode the next round
+# takes it from memory instead of reading the file back. The file is still written (a resumed
+# or separate process reads it); an entry is taken out when used, so a retried action reads
+# the file, not a state a failed attempt already stepped.
+_OPTIMIZER_STATES: dict[Path, dict] = {}
+_OPTIMIZER_LOCK = threading.Lock()
+
+
+def _keep_optimizer_state(path: Path, state: dict) -> None:
+    save_checkpoint(path, {"optimizer": state})
+    with _OPTIMIZER_LOCK:
+        for old in [p for p in _OPTIMIZER_STATES if p.parent == path.parent]:
+            del _OPTIMIZER_STATES[old]
+        _OPTIMIZER_STATES[path] = state
+
+
+def _take_optimizer_state(path: Path) -> dict | None:
+    """The state saved at ``path`` (memory first, else the file), or None for a fresh AdamW."""
+    with _OPTIMIZER_LOCK:
+        state = _OPTIMIZER_STATES.pop(path, None)
+    if state is not None:
+        return state
+    try:
+        return load_checkpoint(path)["optimizer"]
+    except CheckpointError:
+        return None  # first round at this site, or a fresh site: start AdamW anew
+
+
 def steps_per_epoch(n_items: int, batch_size: int) -> int:
     return max(1, n_items // batch_size) if n_items >= batch_size else 1
 
@@ -177,10 +206,7 @@ def site_train(site_id: str, cfg: Config | Mapping[str, Any], *, round_idx: int,
     optim_dir = work / "optimizer" / run_key
     opt_state = None
     if fed.keep_optimizer_state and round_idx > 0:
-        try:
-            opt_state = load_checkpoint(optim_dir / f"round-{round_idx - 1:04d}.pt")["optimizer"]
-        except CheckpointError:
-            opt_state = None  # first round at this site, or a fresh site: start AdamW anew
+        opt_state = _take_optimizer_state(optim_dir / f"round-{round_idx - 1:04d}.pt")
     prox_mu = float(fed.strategy_params.get("mu", 0.0)) if fed.strategy == "fedprox" else 0.0
     tgm_strength = cfg.ultramim.tgm.strength if cfg.ultramim.tgm.enabled else None
     device = select_device(pre.device)
@@ -196,7 +222,7 @@ def site_train(site_id: str, cfg: Config | Mapping[str, Any], *, round_idx: int,
         progress=f"site {site_id} round {round_idx}" if progress else False,
     )
     if fed.keep_optimizer_state and res.optimizer_state is not None:
-        save_checkpoint(optim_dir / f"round-{round_idx:04d}.pt", {"optimizer": res.optimizer_state})
+        _keep_optimizer_state(optim_dir / f"round-{round_idx:04d}.pt", res.optimizer_state)
     uri = store.put(res.state, update_run_id, f"update-round-{round_idx:04d}", meta={"site": site_id, "round": round_idx})
     from ultrafed.federated.transfer import state_sha256
 
@@ -316,9 +342,10 @@ def run_action(action: str, site_id: str, params: Mapping[str, Any], *, root: st
         if action == "check":
             client.log_text(result_run_id, result.get("report_md", ""), f"quality/{site_id}-quality.md")
         metrics = {"val_loss": result.get("val_loss")} if action == "validate" else result.get("metrics", {})
-        for k, v in (metrics or {}).items():
-            if isinstance(v, (int, float)) and math.isfinite(v):
-                client.log_metric(result_run_id, k, float(v))
+        from ultrafed.tracking.runs import log_metrics
+
+        log_metrics(result_run_id, {k: float(v) for k, v in (metrics or {}).items()
+                                    if isinstance(v, (int, float)) and math.isfinite(v)})  # one batch, not one call each
     return result
 
 

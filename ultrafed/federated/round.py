@@ -248,6 +248,7 @@ def round_metrics(refs: Sequence[UpdateRef], vals: Mapping[str, ValOutcome], *, 
         "sites_accepted": float(len(refs)), "sites_excluded": float(n_excluded),
         "sites_validated": float(sum(1 for v in val.values() if math.isfinite(v))),
         "sites_val_missing": float(len(val_missing)),
+        "site_train_seconds": float(sum(r.metrics.get("seconds", 0.0) for r in refs)),  # inside the training loops
     }
     m.update({f"val_loss_spread_{k}": v for k, v in spread({s: v for s, v in val.items() if math.isfinite(v)}).items()})
     m.update({f"train_loss.{s}": v for s, v in train.items()})
