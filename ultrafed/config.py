@@ -34,6 +34,7 @@ LOCATION_SECTIONS: tuple[str, ...] = ("data", "tracking")
 # ultrafed.models.mae.ENCODER_PRESETS' names (a test keeps them equal): validating a config
 # must not import timm, which costs seconds on a small CPU.
 ENCODER_PRESETS: tuple[str, ...] = ("tiny", "small", "base")
+DP_MODES: tuple[str, ...] = ("off", "local", "central")
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,22 @@ class FederatedConfig:
     site_timeout_s: float = 3600.0
     keep_optimizer_state: bool = True
     norm_bound: float = 10.0
+    site_liveness_s: float = 15.0  # a site whose worker is silent this long is declared gone (federation mode)
+
+
+@dataclass(frozen=True)
+class DPConfig:
+    mode: str = "off"  # off | local (DP-SGD at each site) | central (DP-FedAvg at the coordinator)
+    noise_multiplier: float = 1.0
+    clip_norm: float = 1.0
+    delta: float = 1e-5
+    max_epsilon: float = 0.0  # 0 = no budget; else a run stops before the round that would exceed it
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    dp: DPConfig = field(default_factory=DPConfig)
+    secure_aggregation: bool = False
 
 
 @dataclass(frozen=True)
@@ -157,6 +174,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     federated: FederatedConfig = field(default_factory=FederatedConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
@@ -394,10 +412,11 @@ _AT_LEAST_1 = ("synth.sites", "synth.per_site", "ultramim.mic.motion_kernel", "u
                "model.decoder_heads", "pretrain.batch_size", "pretrain.epochs", "federated.rounds",
                "federated.local_epochs", "federated.min_sites", "federated.max_concurrency",
                "finetune.epochs", "finetune.batch_size")
-_AT_LEAST_0 = ("seed", "synth.seed", "ultramim.tgm.strength", "pretrain.weight_decay", "pretrain.warmup_epochs",
+_AT_LEAST_0 = ("seed", "privacy.dp.noise_multiplier", "privacy.dp.max_epsilon", "synth.seed", "ultramim.tgm.strength", "pretrain.weight_decay", "pretrain.warmup_epochs",
                "pretrain.num_workers", "pretrain.min_lr", "federated.lr_horizon_rounds", "tracking.picture_every", "finetune.weight_decay",
                "finetune.warmup_epochs", "finetune.num_workers", "finetune.n_boot", "finetune.baseline_weight_decay")
 _POSITIVE = ("ultramim.mic.gauss_sigma", "pretrain.base_lr", "federated.site_timeout_s", "federated.norm_bound",
+             "federated.site_liveness_s", "privacy.dp.clip_norm",
              "finetune.lr", "finetune.baseline_lr")
 # key -> (low, high, low inclusive, high inclusive)
 _INTERVALS: dict[str, tuple[float, float, bool, bool]] = {
@@ -410,6 +429,7 @@ _INTERVALS: dict[str, tuple[float, float, bool, bool]] = {
     "pretrain.betas[0]": (0.0, 1.0, True, False),
     "pretrain.betas[1]": (0.0, 1.0, True, False),
     "finetune.layer_decay": (0.0, 1.0, False, True),
+    "privacy.dp.delta": (0.0, 1.0, False, False),
 }
 _MIN_IMAGE = {"synth.size": 32, "finetune.baseline_img_size": 32}
 _NON_EMPTY = ("data.root", "data.shared_root", "data.manifests", "tracking.tracking_uri", "tracking.experiment",
@@ -442,7 +462,8 @@ def _choice_problems(cfg: Config) -> list[str]:
     out = []
     for key, value, choices in (("model.preset", cfg.model.preset, tuple(ENCODER_PRESETS)),
                                 ("pretrain.device", cfg.pretrain.device, DEVICE_CHOICES),
-                                ("finetune.device", cfg.finetune.device, DEVICE_CHOICES)):
+                                ("finetune.device", cfg.finetune.device, DEVICE_CHOICES),
+                                ("privacy.dp.mode", cfg.privacy.dp.mode, DP_MODES)):
         if value not in choices:
             out.append(f"'{key}' must be one of {', '.join(choices)}, got {value!r}")
     return out
