@@ -10,7 +10,7 @@ from typing import Any
 import flows  # noqa: F401  (runtime env)
 from prefect import flow
 
-from ultrafed.federated.client import run_action
+from ultrafed.federated.client import run_for_coordinator
 
 
 @flow(name="ultrafed-site", persist_result=True, flow_run_name="{action}-{site_id}")
@@ -18,8 +18,9 @@ def site_job(action: str, site_id: str, params: dict[str, Any], result_run_id: s
     """check | train | validate at this site; returns (and logs) counts, metrics, URIs, hashes.
 
     Site policy, not the coordinator's: pictures of this site's images are written to its own
-    work dir, never logged to the coordinator's tracking server.
+    work dir, and answers and errors leave without file names or paths
+    (:func:`~ultrafed.federated.client.run_for_coordinator`).
     """
     extra = {"pictures_at_site": True} if action == "validate" else {}
-    return run_action(action, site_id, {k: v for k, v in params.items() if k != "pictures_at_site"},
-                      result_run_id=result_run_id, extra=extra)
+    return run_for_coordinator(action, site_id, {k: v for k, v in params.items() if k != "pictures_at_site"},
+                               result_run_id=result_run_id, extra=extra)

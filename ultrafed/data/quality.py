@@ -260,6 +260,19 @@ def _bounds(kwargs: Mapping[str, Any]) -> str:
     return ""
 
 
+EXAMPLES = "; e.g. "  # a reason's tail naming example files (left out of what leaves a site)
+
+
+def without_names(reason: str) -> str:
+    """A gate reason without its example file names (what a coordinator may see)."""
+    return reason.split(EXAMPLES, 1)[0]
+
+
+def reason_kind(reason: str) -> str:
+    """The check a quarantine reason comes from (``readable``, ``duplicate``...), never a file name."""
+    return reason.split(":", 1)[0].strip() or "other"
+
+
 def _row_reason(item: Mapping[str, Any], values: Mapping[str, Any], error: str | None) -> str:
     if item["name"] == "readable" and error:
         return f"unreadable: {error}"
@@ -281,7 +294,7 @@ def _reason(item: Mapping[str, Any], status: str) -> str:
             text += f", {item.get('n_quarantined', n)} quarantined"
         examples = ", ".join(rel for rel, _ in item["unexpected"][:3])
         return (f"[{status}] {item['name']}: {text}" + (f"; {extra}" if extra else "")
-                + (f"; e.g. {examples}" if examples else ""))
+                + (f"{EXAMPLES}{examples}" if examples else ""))
     if isinstance(obs, Mapping) and "error" in obs:
         return f"[{status}] {item['name']}: GX could not evaluate it ({obs['error']})"
     note = item.get("note")
@@ -512,15 +525,24 @@ def gate_metrics(gate: GateResult) -> dict[str, Any]:
     }
 
 
-def _observed_text(obs: Any) -> str:
+def _observed_text(obs: Any, names: bool = True) -> str:
     if isinstance(obs, Mapping) and "unexpected_count" in obs:
         text = (f"{obs['unexpected_count']} of {obs.get('element_count', '?')} unexpected "
                 f"({obs.get('unexpected_percent') or 0.0:.1f}%)")
-        examples = obs.get("partial_unexpected_list") or []
+        examples = (obs.get("partial_unexpected_list") or []) if names else []  # values may be file names
         return text + (f", e.g. {', '.join(_fmt(v) for v in examples)}" if examples else "")
     if isinstance(obs, float):
         return _fmt(obs)
     return json.dumps(obs) if isinstance(obs, (dict, list)) else str(obs)
+
+
+def quarantine_counts(quarantined: Sequence[tuple[str, str]]) -> dict[str, int]:
+    """Images quarantined per check: a file's reasons are joined by "; ", each counts once."""
+    out: dict[str, int] = {}
+    for _, why in quarantined:
+        for kind in {reason_kind(r) for r in why.split("; ")}:
+            out[kind] = out.get(kind, 0) + 1
+    return dict(sorted(out.items()))
 
 
 def _md_cell(x: Any) -> str:
@@ -528,29 +550,37 @@ def _md_cell(x: Any) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def render_report(gate: GateResult) -> str:
+def render_report(gate: GateResult, *, names: bool = True) -> str:
     """Markdown report: outcome, reasons, every expectation with GX's observed value,
-    quarantined images and scan problems. It leaves the site (the round uploads it), so it
-    names files relative to the site folder and the manifest by its file name only."""
+    quarantined images and scan problems. Files are named relative to the site folder, the
+    manifest by its file name only; ``names=False`` leaves every file name out (counts by
+    reason instead): the report a federation site sends its coordinator, since hospital file
+    names often carry patient or accession numbers."""
     lines = [f"# Data quality: site `{gate.site}` - {gate.status.upper()}", "",
              f"- manifest: `{Path(gate.manifest_path).name}` (md5 `{gate.manifest_md5 or 'n/a'}`)",
              f"- suite: `{gate.suite or 'n/a'}`",
              f"- images: {gate.n_total} listed, {gate.n_images} may train, {len(gate.quarantined)} quarantined",
              "- usable by split: " + (", ".join(f"{k} {v}" for k, v in gate.splits) or "none"), ""]
-    lines += ["## Reasons", ""] + ([f"- {r}" for r in gate.reasons] or ["- none: every expectation met"]) + [""]
+    reasons = [r if names else without_names(r) for r in gate.reasons]
+    lines += ["## Reasons", ""] + ([f"- {r}" for r in reasons] or ["- none: every expectation met"]) + [""]
     if gate.expectations:
         lines += ["## Expectations (Great Expectations)", "",
                   "| name | expectation | severity | met | observed |", "|---|---|---|---|---|"]
         for e in gate.expectations:
             met = {True: "yes", False: "NO", None: "skipped"}[e.get("success")]
             lines.append(f"| {e['name']} | {e['expectation']} | {e['severity']} | {met} | "
-                         f"{_md_cell(_observed_text(e.get('observed')))} |")
+                         f"{_md_cell(_observed_text(e.get('observed'), names))} |")
         lines.append("")
-    if gate.quarantined:
+    if gate.quarantined and names:
         lines += ["## Quarantined images", "", "| image | reason |", "|---|---|"]
         lines += [f"| `{_md_cell(r)}` | {_md_cell(why)} |" for r, why in gate.quarantined] + [""]
-    if gate.problems:
+    elif gate.quarantined:
+        lines += ["## Quarantined images (names kept at the site)", "", "| check | images |", "|---|---|"]
+        lines += [f"| {_md_cell(k)} | {n} |" for k, n in quarantine_counts(gate.quarantined).items()] + [""]
+    if gate.problems and names:
         lines += ["## Scan problems", ""] + [f"- {_md_cell(p)}" for p in gate.problems] + [""]
+    elif gate.problems:
+        lines += ["## Scan problems", "", f"- {len(gate.problems)} (named in the site's own report)", ""]
     return "\n".join(lines)
 
 

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
@@ -68,7 +69,7 @@ def site_manifest_path(site_id: str, root: str | Path | None, work_dir: str | Pa
 # -- check ---------------------------------------------------------------------------------
 def site_check(site_id: str, root: str | Path | None = None, work_dir: str | Path | None = None) -> dict[str, Any]:
     """Scan + Great Expectations gate; keeps the quarantine list at the site for training."""
-    from ultrafed.data.quality import check_site
+    from ultrafed.data.quality import check_site, quarantine_counts, render_report
 
     root, work = site_paths(site_id, root, work_dir)
     manifest = site_manifest_path(site_id, root, work)
@@ -91,6 +92,9 @@ def site_check(site_id: str, root: str | Path | None = None, work_dir: str | Pat
         "problems": list(gate.problems),  # site-relative: refused files, format notes, unreadable folders
         "manifest_md5": gate.manifest_md5,
         "report_md": report.read_text() if report.exists() else "",
+        "report_md_shared": render_report(gate, names=False),  # what a federation site sends (no file names)
+        "quarantine_by_check": quarantine_counts(gate.quarantined),
+        "n_problems": len(gate.problems),
     }
 
 
@@ -325,15 +329,21 @@ def result_artifact(action: str) -> str:
 
 def run_action(action: str, site_id: str, params: Mapping[str, Any], *, root: str | Path | None = None,
                work_dir: str | Path | None = None, result_run_id: str | None = None,
-               extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+               extra: Mapping[str, Any] | None = None, redact: bool = False) -> dict[str, Any]:
     """Run a site action and, given a run id, log its (small) result there for the coordinator.
 
     ``params`` are the JSON parameters a coordinator may send; ``extra`` holds in-process
     objects (a state store, record lists) that only a caller in the same process can pass.
+    ``redact`` (a federation site): answer with :func:`~ultrafed.federated.disclosure.coordinator_view`
+    only, so no file name of the site reaches the coordinator.
     """
     if action not in ACTIONS:
         raise ValueError(f"unknown site action '{action}' (check | train | validate)")
     result = ACTIONS[action](site_id, root=root, work_dir=work_dir, **params, **dict(extra or {}))
+    if redact:
+        from ultrafed.federated.disclosure import coordinator_view
+
+        result = coordinator_view(action, result)
     if result_run_id:
         from mlflow.tracking import MlflowClient
 
@@ -347,6 +357,29 @@ def run_action(action: str, site_id: str, params: Mapping[str, Any], *, root: st
         log_metrics(result_run_id, {k: float(v) for k, v in (metrics or {}).items()
                                     if isinstance(v, (int, float)) and math.isfinite(v)})  # one batch, not one call each
     return result
+
+
+def run_for_coordinator(action: str, site_id: str, params: Mapping[str, Any], *, result_run_id: str | None,
+                        extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A federation site's action: redacted answers, and a failure that names no site file.
+
+    The full error (with the file it names, for the site's operator) is appended to
+    ``<work dir>/errors.log``; the coordinator gets the same line with file names and paths
+    replaced, raised without its chained traceback, which would carry them too.
+    """
+    from ultrafed.federated.disclosure import redact_text
+
+    try:
+        return run_action(action, site_id, params, result_run_id=result_run_id, extra=extra, redact=True)
+    except Exception as e:  # noqa: BLE001 - any failure is reported, redacted, to the coordinator
+        line = " ".join(f"{type(e).__name__}: {e}".split())
+        try:
+            _, work = site_paths(site_id, None, None)
+            with open(work / "errors.log", "a", encoding="utf-8") as log:
+                log.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {action}: {line}\n")
+        except Exception:  # noqa: BLE001 - no work dir: the redacted line still goes out
+            pass
+        raise SiteError(f"site {site_id}: {action} failed: {redact_text(line)} (details in the site's errors.log)") from None
 
 
 def read_result(action: str, result_run_id: str) -> dict[str, Any]:
